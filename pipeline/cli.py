@@ -1,0 +1,65 @@
+"""`python -m pipeline`: the command line behind the make targets.
+
+    python -m pipeline run [STAGE] [--config FILE] [--set KEY=VALUE ...] [--force]
+    python -m pipeline status [--config FILE] [--set KEY=VALUE ...]
+    python -m pipeline config [--config FILE] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline import config as configuration
+from pipeline.config import ConfigError
+
+DEFAULT_CONFIG = "configs/default.yaml"
+EXIT_BAD_INPUT = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    from stages import STAGES
+
+    names = [stage.name for stage in STAGES]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (YAML); default {DEFAULT_CONFIG}")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. sft.learning_rate=1e-5; repeatable")
+    top = argparse.ArgumentParser(prog="python -m pipeline", description="rlhf-pipeline: base -> sft, with checkpoints between stages.")
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", parents=[common], help="run a stage and whatever it needs upstream")
+    run.add_argument("stage", nargs="?", choices=names, default=names[-1], help=f"stage to reach (default: {names[-1]}, the whole pipeline)")
+    run.add_argument("--force", action="store_true", help="rerun the named stage even if it is up to date")
+    commands.add_parser("status", parents=[common], help="each stage's state, metrics and folder")
+    commands.add_parser("config", parents=[common], help="print the resolved config as JSON")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = [item for text in args.set for item in _split(text)]
+    try:
+        cfg = configuration.load(args.config, overrides)
+        if args.command == "config":
+            resolved = {"run": configuration.as_dict(cfg.run), **{k: configuration.as_dict(v) for k, v in cfg.stages.items()}}
+            print(json.dumps(resolved, indent=2))
+            return 0
+        from pipeline.runner import Runner
+
+        runner = Runner(cfg)
+        if args.command == "status":
+            print(runner.status())
+            return 0
+        runner.run(args.stage, force=args.force)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _split(text: str) -> list[str]:
+    # make passes SET="a=1 b=2" as one --set; a single KEY=VALUE with spaces in the
+    # value still works when it is quoted inside SET.
+    return configuration.parse_overrides(text)

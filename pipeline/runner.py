@@ -1,0 +1,339 @@
+"""Sequence the stages: reuse what is up to date, resume what was interrupted, run the rest.
+
+A stage's fingerprint covers its config (minus settings that cannot change the
+result), the content of its local data files, the run seed and its parents'
+fingerprints, so a change anywhere upstream makes everything downstream stale. A
+finished folder also remembers which build of each parent it was made from, so a
+parent rebuilt with `--force` makes its children stale too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import Config, ConfigError, as_dict, fingerprint_view, local_paths, resolve_local
+from stages import BY_NAME, STAGES, Stage
+
+
+@dataclasses.dataclass
+class Assessment:
+    """What the runner knows about one stage of the run before doing anything."""
+
+    stage: Stage
+    cfg: Any
+    fingerprint: str
+    material: dict
+    inputs: dict[str, Path]
+    """Parent stage -> the folder this stage reads (the run's, or an `init_from` folder)."""
+    external: set[str]
+    state: str
+    """missing | complete | stale | interrupted"""
+    reasons: list[str]
+    manifest: dict | None
+    """The finished folder's manifest, when there is one."""
+    partial: dict | None
+    """The manifest of an interrupted attempt, when there is one."""
+    resume_step: int | None
+
+
+class Runner:
+    def __init__(self, config: Config, log: Callable[[str], None] | None = None):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.hashes = ckpt.HashCache(self.run_dir / ".hashes.json")
+        self._assessed: dict[str, Assessment] = {}
+        self.world = _distributed_state()
+        self.is_main = self.world is None or self.world.is_main_process
+        self._log = log or (lambda line: print(line, flush=True))
+
+    def log(self, line: str) -> None:
+        if self.is_main:
+            self._log(line)
+
+    def barrier(self) -> None:
+        if self.world is not None:
+            self.world.wait_for_everyone()
+
+    # ------------------------------------------------------------ assessing
+
+    def assess(self, name: str) -> Assessment:
+        if name in self._assessed:
+            return self._assessed[name]
+        stage, cfg = BY_NAME[name], self.config.stages[name]
+        inputs, external, input_prints = {}, set(), {}
+        for i, parent in enumerate(stage.inputs):
+            init_from = getattr(cfg, "init_from", None) if i == 0 else None
+            if init_from:
+                folder = resolve_local(init_from, hub_allowed=False)
+                inputs[parent], input_prints[parent] = folder, {"init_from": self.hashes(folder)}
+                external.add(parent)
+            else:
+                inputs[parent] = ckpt.final_dir(self.run_dir, parent)
+                input_prints[parent] = self.assess(parent).fingerprint
+        material = {
+            "stage": name,
+            "seed": self.config.run.seed,
+            "config": fingerprint_view(cfg, self.hashes),
+            "inputs": input_prints,
+        }
+        fingerprint = ckpt.fingerprint_of(material)
+
+        final, partial_path = ckpt.final_dir(self.run_dir, name), ckpt.partial_dir(self.run_dir, name)
+        manifest = ckpt.read_manifest(final) if ckpt.is_complete(final) else None
+        reasons: list[str] = []
+        if manifest is None:
+            state = "missing"
+        else:
+            if manifest.get("fingerprint") != fingerprint:
+                reasons = self._explain(manifest.get("material", {}), material)
+            for parent in stage.inputs:
+                if parent in external:
+                    continue
+                built_from = manifest.get("parents", {}).get(parent, {}).get("build_id")
+                current = ckpt.read_manifest(ckpt.final_dir(self.run_dir, parent))
+                if current and built_from and current.get("build_id") != built_from:
+                    reasons.append(f"{parent} was rebuilt after {name} was made from it")
+            state = "stale" if reasons else "complete"
+
+        partial = ckpt.read_manifest(partial_path)
+        resume_step = None
+        if partial is not None and partial.get("status") == "running":
+            latest = ckpt.latest_checkpoint(partial_path)
+            resume_step = ckpt.checkpoint_step(latest) if latest else 0
+            if state == "missing":
+                state = "interrupted"
+        else:
+            partial = None
+        found = Assessment(stage, cfg, fingerprint, material, inputs, external, state, reasons, manifest, partial, resume_step)
+        self._assessed[name] = found
+        return found
+
+    def _explain(self, old: dict, new: dict) -> list[str]:
+        """Say which settings, files or parents changed between two fingerprints."""
+        reasons = []
+        if old.get("seed") != new["seed"]:
+            reasons.append(f"run.seed: {old.get('seed')!r} -> {new['seed']!r}")
+        name = new["stage"]
+        for key, before, after in _diff(old.get("config", {}), new["config"], name):
+            if isinstance(after, str) and after.startswith(("sha256:", "checkpoint:")):
+                reasons.append(f"{key}: file content changed")
+            else:
+                reasons.append(f"{key}: {before!r} -> {after!r}")
+        for parent, after in new["inputs"].items():
+            if old.get("inputs", {}).get(parent) == after:
+                continue
+            if isinstance(after, dict):
+                reasons.append(f"{name}.init_from: that folder's content changed")
+            else:
+                why = self._assessed[parent].reasons if parent in self._assessed else []
+                reasons.append(f"{parent} changed" + (f" ({'; '.join(why)})" if why else ""))
+        return reasons or ["its fingerprint changed"]
+
+    def plan(self, target: str, force: bool = False) -> list[str]:
+        """Stages to run, upstream first. An up-to-date stage ends the walk: its
+        parents are not needed, even if they are stale or were deleted."""
+        order: list[str] = []
+
+        def visit(name: str, forced: bool) -> None:
+            found = self.assess(name)
+            if found.state == "complete" and not forced:
+                return
+            for parent in found.stage.inputs:
+                if parent not in found.external:
+                    visit(parent, False)
+            if name not in order:
+                order.append(name)
+
+        visit(target, force)
+        return order
+
+    def chain(self, target: str) -> list[str]:
+        """The target and every stage it reads from, upstream first."""
+        names: list[str] = []
+
+        def visit(name: str) -> None:
+            found = self.assess(name)
+            for parent in found.stage.inputs:
+                if parent not in found.external:
+                    visit(parent)
+            if name not in names:
+                names.append(name)
+
+        visit(target)
+        return names
+
+    # ------------------------------------------------------------ running
+
+    def run(self, target: str | None = None, force: bool = False) -> list[dict]:
+        target = target or STAGES[-1].name
+        if target not in BY_NAME:
+            raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(BY_NAME)})")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stage in STAGES:
+                note = ckpt.recover(self.run_dir, stage.name)
+                if note:
+                    self.log(f"[pipeline] {note}")
+        self.barrier()
+
+        order = self.plan(target, force)
+        self.log(f"[pipeline] run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})")
+        for name in self.chain(target):
+            found = self.assess(name)
+            if name not in order:
+                self.log(f"[pipeline] {name}: up to date, reusing {ckpt.final_dir(self.run_dir, name)}")
+            elif found.state == "stale":
+                self.log(f"[pipeline] {name}: stale, will rerun: {'; '.join(found.reasons)}")
+            elif found.state == "complete":
+                self.log(f"[pipeline] {name}: up to date, rerunning it as asked (--force)")
+        # Every input is checked before the first stage starts, so a bad data line
+        # fails in seconds instead of after an hour of upstream training.
+        for name in order:
+            self.assess(name).stage.check(self.assess(name).cfg)
+
+        summary = []
+        for name in self.chain(target):
+            if name in order:
+                summary.append(self._run_stage(self.assess(name)))
+            else:
+                found = self.assess(name)
+                summary.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": found.stage.headline(found.manifest.get("metrics", {}))})
+        if self.is_main:
+            self.hashes.save()
+        self.log(format_summary(summary))
+        return summary
+
+    def _run_stage(self, found: Assessment) -> dict:
+        name, stage = found.stage.name, found.stage
+        partial = ckpt.partial_dir(self.run_dir, name)
+        attempt, started = 1, ckpt.now()
+        if self.is_main:
+            previous = ckpt.read_manifest(partial)
+            if previous is not None and previous.get("fingerprint") == found.fingerprint and previous.get("status") == "running":
+                removed = ckpt.discard_unfinished_checkpoints(partial)
+                attempt = previous["timings"]["attempts"] + 1
+                started = previous["timings"]["started"]
+                dropped = f" (dropped half-written {', '.join(removed)})" if removed else ""
+                self.log(f"[pipeline] {name}: resuming the interrupted run from step {found.resume_step or 0}{dropped}")
+            else:
+                if partial.exists():
+                    self.log(f"[pipeline] {name}: discarding an interrupted run made with another config")
+                    ckpt.remove_tree(partial)
+                partial.mkdir(parents=True)
+            manifest = self._manifest(found, "running", {}, started, None, attempt)
+            ckpt.write_json_atomic(partial / ckpt.MANIFEST, manifest)
+        self.barrier()
+
+        self.log(f"[pipeline] {name}: running -> {partial}")
+        start = time.time()
+        try:
+            if stage.main_only and not self.is_main:
+                metrics = {}
+            else:
+                metrics = stage.run(found.cfg, dict(found.inputs), partial, self.config.run.seed)
+        except KeyboardInterrupt:
+            step = ckpt.latest_checkpoint(partial)
+            where = f"step {ckpt.checkpoint_step(step)}" if step else "its start (no checkpoint was saved yet)"
+            self.log(f"\n[pipeline] {name}: interrupted; run the same command again to resume from {where}")
+            raise
+        except ConfigError:
+            # The stage refused its input before training: leave no folder behind
+            # unless an earlier attempt has progress worth resuming.
+            if self.is_main and attempt == 1 and ckpt.latest_checkpoint(partial) is None:
+                ckpt.remove_tree(partial)
+            raise
+        seconds = time.time() - start
+        self.barrier()
+        if self.is_main:
+            manifest = self._manifest(found, "complete", metrics, started, seconds, attempt)
+            ckpt.write_json_atomic(partial / ckpt.MANIFEST, manifest)
+            ckpt.promote(self.run_dir, name)
+        self.barrier()
+        folder = ckpt.final_dir(self.run_dir, name)
+        headline = stage.headline(metrics)
+        self.log(f"[pipeline] {name}: done in {_duration(seconds)}: {headline} -> {folder}")
+        return {"stage": name, "action": "built", "seconds": seconds, "folder": str(folder), "headline": headline}
+
+    def _manifest(self, found: Assessment, status: str, metrics: dict, started: str, seconds: float | None, attempt: int) -> dict:
+        parents = {}
+        for parent, folder in found.inputs.items():
+            source = ckpt.read_manifest(folder) or {}
+            parents[parent] = {"path": str(folder), "fingerprint": source.get("fingerprint"), "build_id": source.get("build_id")}
+        return {
+            "stage": found.stage.name,
+            "status": status,
+            "fingerprint": found.fingerprint,
+            "build_id": ckpt.new_build_id(),
+            "parents": parents,
+            "data": {key: {"path": value, "hash": self.hashes(p) if (p := resolve_local(value)) else "hub"} for key, value in local_paths(found.cfg, found.stage.name)},
+            "config": as_dict(found.cfg),
+            "seed": self.config.run.seed,
+            "metrics": metrics,
+            # `seconds` is the last attempt's: an attempt that was killed cannot report its own.
+            "timings": {"started": started, "finished": ckpt.now() if seconds is not None else None, "seconds": round(seconds, 1) if seconds is not None else None, "attempts": attempt},
+            "versions": ckpt.library_versions(),
+            "world_size": self.world.num_processes if self.world is not None else 1,
+            "material": found.material,
+        }
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> str:
+        """Each stage's state, why it is stale, how far an interrupted run got, its headline metrics and folder."""
+        rows = [f"run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})"]
+        pad = " " * 23
+        for stage in STAGES:
+            found = self.assess(stage.name)
+            if found.manifest:
+                rows.append(f"  {stage.name:<6} {found.state:<14} {stage.headline(found.manifest.get('metrics', {}))}")
+                rows.append(f"{pad}folder: {ckpt.final_dir(self.run_dir, stage.name)}")
+            elif found.partial is None:
+                rows.append(f"  {stage.name:<6} {'missing':<14} -")
+            for reason in found.reasons:
+                rows.append(f"{pad}why: {reason}")
+            if found.partial is not None:
+                resumable = found.partial.get("fingerprint") == found.fingerprint
+                at = f"at step {found.resume_step}" if found.resume_step else "before its first checkpoint"
+                then = "the next run resumes it" if resumable else "made with another config: the next run starts over"
+                if found.manifest:
+                    rows.append(f"{pad}a rerun was interrupted {at}; {then}")
+                else:
+                    rows.append(f"  {stage.name:<6} {'interrupted':<14} {at}; {then}")
+                rows.append(f"{pad}folder: {ckpt.partial_dir(self.run_dir, stage.name)}")
+        return "\n".join(rows)
+
+
+def _diff(old: Any, new: Any, prefix: str):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _diff(old.get(key), new.get(key), f"{prefix}.{key}")
+    elif old != new:
+        yield prefix, old, new
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = ["[pipeline] summary:"]
+    for row in summary:
+        took = _duration(row["seconds"]) if "seconds" in row else ""
+        lines.append(f"  {row['stage']:<6} {row['action']:<8} {took:>8}  {row['headline']}  ({row['folder']})")
+    return "\n".join(lines)
+
+
+def _distributed_state():
+    """accelerate's process state when launched on several processes (torchrun,
+    accelerate launch), else None: one process needs no process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()

@@ -1,0 +1,47 @@
+"""The pipeline's stages, in order. The runner learns everything it knows about a
+stage from its entry here; adding a stage is adding an entry.
+
+Every stage module follows the same shape:
+
+    XConfig                                  frozen dataclass, the YAML section `x:`
+    check(cfg) -> None                       validate inputs (data files, ...) before anything runs
+    run(cfg, inputs, out_dir, seed) -> dict  build the checkpoint in out_dir, return its metrics
+    headline(metrics) -> str                 one line for logs and `make status`
+
+`inputs` maps each parent stage to the folder to read (the run's checkpoint, or the
+folder the user named with `init_from`). Stage modules import torch, transformers
+and trl inside their functions, so that validating a config or printing the status
+stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from stages import base, sft
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type
+    inputs: tuple[str, ...]
+    """Parent stages. A config's `init_from` replaces the first one with a folder."""
+    check: Callable
+    run: Callable
+    headline: Callable
+    main_only: bool = False
+    """Runs on the main process alone when launched on several (nothing to train)."""
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),
+    Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline),
+)
+
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def config_classes() -> dict[str, type]:
+    return {stage.name: stage.config for stage in STAGES}

@@ -1,0 +1,172 @@
+"""Reading training data, with every bad row reported as `file:line: problem`.
+
+Sources are JSONL, JSON (an array of objects, or JSON lines), Parquet, or a
+`datasets` Hub id written `org/name` or `org/name:split`. Rows come back with where
+they came from, so the stage-specific checks can name the line at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from pipeline.config import ConfigError, resolve_local
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_rows(source: str, key: str) -> list[tuple[str, dict]]:
+    """[(where, row)] from a file or a Hub dataset; `key` names the setting in errors."""
+    path = resolve_local(source)
+    if path is None:
+        return _read_hub(source, key)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file: {source}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return _read_json_array(path, text)
+        return _read_json_lines(path, text)
+    raise ConfigError(f"{key}: {source}: unsupported file type {suffix or '(none)'} (use .jsonl, .json or .parquet)")
+
+
+def _read_json_lines(path: Path, text: str) -> list[tuple[str, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{number}", row))
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def _read_json_array(path: Path, text: str) -> list[tuple[str, dict]]:
+    """Decode a JSON array one element at a time, to know each object's line."""
+    decoder = json.JSONDecoder()
+    rows, pos = [], text.index("[") + 1
+
+    def skip(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_of(p: int) -> int:
+        return text.count("\n", 0, p) + 1
+
+    pos = skip(pos)
+    while pos < len(text) and text[pos] != "]":
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{line_of(pos)}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{line_of(pos)}", row))
+        pos = skip(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip(pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            raise ConfigError(f"{path}:{line_of(pos)}: invalid JSON: expected ',' or ']' between array items")
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
+    return [(f"{path}: row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _read_hub(source: str, key: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    name, _, split = source.partition(":")
+    try:
+        table = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        raise ConfigError(f"{key}: {source!r} is not a local file, and loading it as a Hub dataset failed: {str(e).splitlines()[0][:300]}") from None
+    return [(f"{source} row {i + 1}", row) for i, row in enumerate(table)]
+
+
+def split_rows(rows: list, eval_rows: list | None, eval_fraction: float, seed: int, key: str) -> tuple[list, list]:
+    """Train and held-out rows: the given eval set, or a fixed-seed random slice of train."""
+    if eval_rows is not None:
+        return rows, eval_rows
+    n_eval = max(1, math.ceil(len(rows) * eval_fraction))
+    if len(rows) - n_eval < 1:
+        raise ConfigError(f"{key}: {len(rows)} row(s) are too few to carve off a held-out split; give more rows or an eval file")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---------------------------------------------------------------- SFT rows
+
+
+def sft_example(where: str, row: dict) -> dict:
+    """A prompt-response row in conversational prompt-completion form:
+    {"prompt": [messages...], "completion": [{"role": "assistant", ...}]}.
+
+    Accepts {"prompt", "response"} (or "completion"), with an optional "system",
+    and {"messages": [...]} ending with the assistant turn to learn; other keys are ignored.
+    """
+    if "messages" in row:
+        messages = _messages(where, row["messages"], "messages")
+        if messages[-1]["role"] != "assistant":
+            raise ConfigError(f"{where}: 'messages' must end with an assistant turn (the response to learn)")
+        if not any(m["role"] == "user" for m in messages[:-1]):
+            raise ConfigError(f"{where}: 'messages' has no user turn before the final assistant turn")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    response_key = "response" if "response" in row else "completion" if "completion" in row else None
+    if "prompt" not in row or response_key is None:
+        found = ", ".join(sorted(row)) or "none"
+        raise ConfigError(f"{where}: expected keys 'prompt' and 'response' (or 'messages'); found: {found}")
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        prompt = _messages(where, prompt, "prompt")
+    else:
+        prompt = [{"role": "user", "content": _text(where, prompt, "prompt")}]
+    system = row.get("system")
+    if system is not None:
+        prompt = [{"role": "system", "content": _text(where, system, "system")}] + prompt
+    response = _text(where, row[response_key], response_key)
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": response}]}
+
+
+def _text(where: str, value, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ConfigError(f"{where}: '{key}' is empty")
+    return value
+
+
+def _messages(where: str, value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ConfigError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise ConfigError(f"{where}: {key}[{i}] has role {message['role']!r} (expected one of {', '.join(ROLES)})")
+        messages.append({"role": message["role"], "content": _text(where, message["content"], f"{key}[{i}].content")})
+    return messages
