@@ -114,7 +114,6 @@ def promote(run_dir: Path, stage: str) -> Path:
     partial, final, old = partial_dir(run_dir, stage), final_dir(run_dir, stage), old_dir(run_dir, stage)
     if not is_complete(partial):
         raise RuntimeError(f"{partial} is not complete; refusing to promote it")
-    remove_tree(partial / "checkpoints")
     for child in partial.glob(f"{CHECKPOINT_PREFIX}*"):
         remove_tree(child)
     if old.exists():

@@ -152,8 +152,9 @@ class Runner:
         visit(target, force)
         return order
 
-    def chain(self, target: str) -> list[str]:
-        """The target and every stage it reads from, upstream first."""
+    def involved(self, target: str, order: list[str]) -> list[str]:
+        """The target and the stages it reads from, upstream first, leaving out any
+        that this run neither runs nor finds on disk (not needed, not there)."""
         names: list[str] = []
 
         def visit(name: str) -> None:
@@ -161,7 +162,7 @@ class Runner:
             for parent in found.stage.inputs:
                 if parent not in found.external:
                     visit(parent)
-            if name not in names:
+            if name not in names and (name in order or found.manifest is not None):
                 names.append(name)
 
         visit(target)
@@ -183,7 +184,8 @@ class Runner:
 
         order = self.plan(target, force)
         self.log(f"[pipeline] run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})")
-        for name in self.chain(target):
+        involved = self.involved(target, order)
+        for name in involved:
             found = self.assess(name)
             if name not in order:
                 self.log(f"[pipeline] {name}: up to date, reusing {ckpt.final_dir(self.run_dir, name)}")
@@ -197,7 +199,7 @@ class Runner:
             self.assess(name).stage.check(self.assess(name).cfg)
 
         summary = []
-        for name in self.chain(target):
+        for name in involved:
             if name in order:
                 summary.append(self._run_stage(self.assess(name)))
             else:
@@ -334,6 +336,8 @@ def _distributed_state():
     accelerate launch), else None: one process needs no process group."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True, accelerate leaves CPU-only processes unaware of each other.
+    return PartialState(cpu=not torch.accelerator.is_available())

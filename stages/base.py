@@ -55,7 +55,9 @@ def check(cfg: BaseConfig) -> None:
 def headline(metrics: dict) -> str:
     if not metrics:
         return "-"
-    return f"{metrics['parameters'] / 1e6:.1f}M params, {metrics['dtype']}, {metrics['architecture']}"
+    n = metrics["parameters"]
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+    return f"{size} params, {metrics['dtype']}, {metrics['architecture']}"
 
 
 def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
@@ -82,7 +84,7 @@ def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
 def load(cfg: BaseConfig):
     """Model and tokenizer from any supported source, as a plain (saveable) model."""
     import torch
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = resolve_local(cfg.model)
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
@@ -101,7 +103,7 @@ def load(cfg: BaseConfig):
         model_config = AutoConfig.from_pretrained(where, **kwargs)
     except Exception as e:  # transformers raises many types; the first line says what went wrong
         raise ConfigError(f"base.model: cannot read a model config from {cfg.model}: {_first_line(e)}") from None
-    if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    if not _is_causal_lm(model_config):
         kind = ", ".join(model_config.architectures or []) or model_config.model_type
         raise ConfigError(f"base.model: {cfg.model} is a {kind} model, not a causal language model")
     try:
@@ -114,6 +116,19 @@ def load(cfg: BaseConfig):
     if "gguf_file" in kwargs:
         model = _unquantized_copy(model, dtype)
     return model.to(dtype), tokenizer, source
+
+
+def _is_causal_lm(model_config) -> bool:
+    """The saved architecture decides: a BERT encoder's config type also maps to a
+    causal-LM class (BertLMHeadModel), but its weights are not one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not model_config.architectures:
+        return type(model_config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_config.architectures)
 
 
 def _unquantized_copy(model, dtype):

@@ -66,7 +66,7 @@ class SftConfig:
     """Tokens per sequence; longer ones are cut, and a row whose prompt alone fills it is dropped (and counted)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that supports it, fp32 otherwise."""
-    gradient_checkpointing: bool = setting(False, fingerprint=False)
+    activation_checkpointing: bool = setting(False, fingerprint=False)
     """Trade compute for activation memory; the result is the same."""
     save_steps: int = setting(25, fingerprint=False)
     """Steps between resumable checkpoints."""
@@ -116,55 +116,12 @@ def headline(metrics: dict) -> str:
 
 
 def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
     from stages import training
 
     train_rows, held_rows = check(cfg)
     train_rows, eval_rows = data.split_rows(train_rows, held_rows, cfg.data.eval_fraction, seed, "sft.data.train")
-    model_dir = inputs["base"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ConfigError(f"{model_dir}: the tokenizer pads with EOS (or not at all); build the model with the base stage, which fixes this")
-
-    args = SFTConfig(
-        output_dir=str(out_dir),
-        seed=seed,
-        data_seed=seed,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,  # the newest complete checkpoint survives a crash while writing the next
-        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
-        eval_steps=cfg.eval_steps or None,
-        logging_steps=cfg.logging_steps,
-        report_to=list(cfg.report_to),
-        dataloader_num_workers=0,
-        **training.mixed_precision(cfg.precision),
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer,
-        peft_config=_lora_config(cfg.lora) if cfg.method == "lora" else None,
-        callbacks=[training.MarkCompleteCheckpoints()],
-    )
+    trainer = build_trainer(cfg, inputs["base"], train_rows, eval_rows, out_dir, seed)
+    tokenizer = trainer.processing_class
     dropped = len(train_rows) - len(trainer.train_dataset)
     if dropped:
         print(f"[sft] dropped {dropped} training row(s) whose prompt alone fills max_length={cfg.max_length}", flush=True)
@@ -173,7 +130,12 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
 
     sample_prompts = [row["prompt"] for row in eval_rows[: cfg.num_samples]]
     before = _before_training(trainer, tokenizer, sample_prompts, cfg, out_dir)
-    trainer.train(resume_from_checkpoint=training.resume_point(out_dir))
+    resume = training.resume_point(out_dir)
+    if resume:
+        print(f"[sft] resuming from {resume}", flush=True)
+    counter = training.CountSteps()
+    trainer.add_callback(counter)
+    trainer.train(resume_from_checkpoint=resume)
     eval_after = trainer.evaluate()["eval_loss"]
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -197,14 +159,65 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
         "eval_rows": len(eval_rows),
         "dropped_too_long": dropped,
         "steps": trainer.state.global_step,
+        "steps_last_attempt": counter.steps,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "eval_loss_before": before["eval_loss"],
         "eval_loss_after": eval_after,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "trainable_parameters": trainable,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
     }
+
+
+def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_rows: list[dict], out_dir: Path, seed: int):
+    """TRL's SFTTrainer over prompt-completion rows, checkpointing into `out_dir`."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from stages import training
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(f"{model_dir}: the tokenizer pads with EOS (or not at all); prepare the model with the base stage, which fixes this")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        seed=seed,
+        data_seed=seed,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        activation_checkpointing=cfg.activation_checkpointing,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,  # the newest complete checkpoint survives a crash while writing the next
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        logging_steps=cfg.logging_steps,
+        report_to=list(cfg.report_to),
+        dataloader_num_workers=0,
+        use_cpu=training.cpu_only(),
+        **training.mixed_precision(cfg.precision),
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows),
+        processing_class=tokenizer,
+        peft_config=_lora_config(cfg.lora) if cfg.method == "lora" else None,
+        callbacks=[training.MarkCompleteCheckpoints()],
+    )
 
 
 def _before_training(trainer, tokenizer, prompts, cfg: SftConfig, out_dir: Path) -> dict:

@@ -21,6 +21,12 @@ def mixed_precision(choice: str) -> dict:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
+def cpu_only() -> bool:
+    """No accelerator here: tell the Trainer, or several CPU processes (torchrun with
+    gloo) each train alone instead of together."""
+    return not torch.accelerator.is_available()
+
+
 class MarkCompleteCheckpoints(TrainerCallback):
     """After the Trainer writes checkpoint-N, flush it and add a COMPLETE marker:
     resuming only ever starts from a checkpoint that was written whole."""
@@ -30,6 +36,17 @@ class MarkCompleteCheckpoints(TrainerCallback):
             torch.distributed.barrier()  # every rank has written its RNG state
         if state.is_world_process_zero:
             ckpt.mark_checkpoint_complete(Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}")
+        return control
+
+
+class CountSteps(TrainerCallback):
+    """Optimiser steps taken by this process: after a resume, only the remaining ones."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
         return control
 
 

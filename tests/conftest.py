@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny randomly initialised causal LM and tokenizer, built in
+seconds with no network, and helpers to write run configs around it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_SFT = ROOT / "configs" / "data" / "demo_sft.jsonl"
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None = CHATML, eos: str = "<|im_end|>", pad: str | None = "<|im_end|>"):
+    """A byte-level BPE tokenizer trained on the demo set. By default it pads with
+    EOS, like SmolLM2, so the base stage has something to fix."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line) for line in DEMO_SFT.read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([f"{r['prompt']}\n{r['response']}" for r in texts] + ["system user assistant"], trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    if chat_template:
+        hf.chat_template = chat_template
+    return hf
+
+
+def make_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny(folder: Path, hidden: int = 32, layers: int = 2, **tokenizer_kwargs) -> Path:
+    tokenizer = make_tokenizer(**tokenizer_kwargs)
+    model = make_model(tokenizer, hidden=hidden, layers=layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama-style model folder as a user might bring one: pad == EOS."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def sft_rows() -> list[dict]:
+    return [json.loads(line) for line in DEMO_SFT.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TINY_SFT = {
+    "max_steps": 6,
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "warmup_ratio": 0.0,
+    "max_length": 96,
+    "save_steps": 3,
+    "logging_steps": 1,
+    "num_samples": 2,
+    "sample_max_new_tokens": 8,
+}
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, train: Path, name: str = "tiny", sft: dict | None = None, base: dict | None = None, eval_path: Path | None = None) -> Path:
+    """A run config for the tiny model, written next to the run's output folder."""
+    data = {"train": str(train), "eval": str(eval_path) if eval_path else None, "eval_fraction": 0.2}
+    config = {
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "base": {"model": str(model_dir), **(base or {})},
+        "sft": {"data": data, **TINY_SFT, **(sft or {})},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
