@@ -95,6 +95,9 @@ class SftConfig:
 
 def check(cfg: SftConfig) -> tuple[list[dict], list[dict] | None]:
     """Read and validate every row before anything trains; returns (train, eval or None)."""
+    from stages import training
+
+    training.check_loggers(cfg.report_to, "sft.report_to")
     if cfg.init_from is not None:
         folder = resolve_local(cfg.init_from, hub_allowed=False)
         if not (folder / "config.json").is_file():

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
 
 
 def mixed_precision(choice: str) -> dict:
@@ -19,6 +20,19 @@ def mixed_precision(choice: str) -> dict:
     if choice == "auto":
         choice = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def check_loggers(names: tuple[str, ...], key: str) -> None:
+    """Unknown or uninstalled loggers fail before training, not after the first stages ran."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    known = ("none", "all", *INTEGRATION_TO_CALLBACK)
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown logger {name!r} (known: {', '.join(known)})")
+        if name not in ("none", "all") and name not in installed:
+            raise ConfigError(f"{key}: {name!r} is not installed in this environment (pip install {name} into .venv)")
 
 
 def cpu_only() -> bool:

@@ -171,6 +171,14 @@ def test_ctrl_c_leaves_a_resumable_partial(built, monkeypatch, capsys):
     assert "made with another config: the next run starts over" in status_of(config, "sft.max_steps=8")
 
 
+def test_missing_or_unknown_logger_fails_before_any_stage_runs(tmp_path, tiny_model_dir, sft_rows, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows[:10])
+    config = tiny_config(tmp_path, tiny_model_dir, train, sft={"report_to": ["tensorbored"]})
+    assert run_cli("run", "sft", "--config", str(config)) == 2
+    assert capsys.readouterr().err.startswith("error: sft.report_to: unknown logger 'tensorbored' (known: none, all, azure_ml")
+    assert not (tmp_path / "runs" / "tiny" / "base").exists()
+
+
 def test_status_of_a_fresh_run(tmp_path, tiny_model_dir, sft_rows):
     train = write_jsonl(tmp_path / "train.jsonl", sft_rows[:10])
     text = status_of(tiny_config(tmp_path, tiny_model_dir, train))
