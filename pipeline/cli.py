@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (YAML); default {DEFAULT_CONFIG}")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. sft.learning_rate=1e-5; repeatable")
-    top = argparse.ArgumentParser(prog="python -m pipeline", description="rlhf-pipeline: base -> sft, with checkpoints between stages.")
+    top = argparse.ArgumentParser(prog="python -m pipeline", description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="run a stage and whatever it needs upstream")
     run.add_argument("stage", nargs="?", choices=names, default=names[-1], help=f"stage to reach (default: {names[-1]}, the whole pipeline)")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 DEFAULT_N = 480
 DEFAULT_SEED = 0

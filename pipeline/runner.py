@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, as_dict, fingerprint_view, local_paths, resolve_local

@@ -16,8 +16,8 @@ stays instant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stages import base, sft
 

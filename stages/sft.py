@@ -131,7 +131,8 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
     if len(trainer.train_dataset) == 0:
         raise ConfigError(f"sft.max_length: every training row's prompt fills {cfg.max_length} tokens; raise it")
 
-    sample_prompts = [row["prompt"] for row in eval_rows[: cfg.num_samples]]
+    sample_rows = eval_rows[: cfg.num_samples]
+    sample_prompts = [row["prompt"] for row in sample_rows]
     before = _before_training(trainer, tokenizer, sample_prompts, cfg, out_dir)
     resume = training.resume_point(out_dir)
     if resume:
@@ -151,8 +152,8 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
         tokenizer.save_pretrained(out_dir)
         after = training.generate(final, tokenizer, sample_prompts, cfg.sample_max_new_tokens)
         training.write_samples(out_dir, [
-            {"prompt": p[-1]["content"], "reference": row["completion"][0]["content"], "before": b, "after": a}
-            for p, row, b, a in zip(sample_prompts, eval_rows, before["samples"], after)
+            {"prompt": row["prompt"][-1]["content"], "reference": row["completion"][0]["content"], "before": b, "after": a}
+            for row, b, a in zip(sample_rows, before["samples"], after, strict=True)
         ])
         training.write_log_history(out_dir, trainer.state.log_history)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

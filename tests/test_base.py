@@ -32,7 +32,7 @@ def test_local_folder_becomes_a_plain_checkpoint(tiny_model_dir, tmp_path):
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     assert metrics["dtype"] == "float32" and metrics["architecture"] == "LlamaForCausalLM"
     source = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
+    for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"{name} changed"
     assert (tmp_path / "out" / "model.safetensors").is_file()
 

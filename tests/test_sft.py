@@ -33,7 +33,7 @@ def test_loss_covers_the_response_and_its_end_of_turn_only(prepared_dir, tmp_pat
     ])
     trainer = sft.build_trainer(sft.SftConfig(max_steps=1), prepared_dir, rows, rows, tmp_path, seed=0)
     tokenizer = trainer.processing_class
-    for row, example in zip(rows, trainer.train_dataset):
+    for row, example in zip(rows, trainer.train_dataset, strict=True):
         prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         prompt_len = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         labels, ids = example["labels"], example["input_ids"]
