@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, SettingError, resolve_local, setting
 from stages import data
 
@@ -235,7 +236,7 @@ def _before_training(trainer, tokenizer, prompts, cfg: SftConfig, out_dir: Path)
     before = {"eval_loss": trainer.evaluate()["eval_loss"], "samples": []}
     if trainer.is_world_process_zero():
         before["samples"] = training.generate(trainer.model, tokenizer, prompts, cfg.sample_max_new_tokens)
-        path.write_text(json.dumps(before))
+        ckpt.write_json_atomic(path, before)  # a resume reads it back: never leave it torn
     return before
 
 
