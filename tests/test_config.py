@@ -69,29 +69,19 @@ def test_unknown_section(tmp_path):
         ("sft:\n  method: qlora\n", ":2: sft.method: expected one of 'full', 'lora', got 'qlora'"),
         ("sft:\n  data: configs/data/demo_sft.jsonl\n", ":2: sft.data: expected a mapping of settings, got 'configs/data/demo_sft.jsonl'"),
         ("run:\n  seed: [1]\n", ":2: run.seed: expected an integer, got a list"),
+        # checks inside the config classes
+        ("sft:\n  data:\n    eval_fraction: 1.5\n", ":3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"),
+        ("sft:\n  batch_size: 0\n", ":2: sft.batch_size: must be at least 1, got 0"),
+        ("run:\n  name: ../elsewhere\n", ":2: run.name: must be a plain folder name, got '../elsewhere'"),
+        # missing files
+        ("sft:\n  data:\n    train: data/missing.jsonl\n", ":3: sft.data.train: no such file or folder: data/missing.jsonl"),
+        ("base:\n  model: ./no/such/model\n", ":2: base.model: no such file or folder: ./no/such/model"),
+        ("base:\n  model: pkg:not_a_package_here/x.gguf\n", ":2: base.model: package 'not_a_package_here' is not installed (needed for pkg:not_a_package_here/x.gguf)"),
     ],
 )
-def test_wrong_types(tmp_path, yaml_text, expected):
+def test_one_line_errors_name_file_line_and_key(tmp_path, yaml_text, expected):
     path = write(tmp_path, yaml_text)
     assert error_of(path) == f"{path}{expected}"
-
-
-def test_checks_inside_config_classes_name_the_key(tmp_path):
-    path = write(tmp_path, "sft:\n  data:\n    eval_fraction: 1.5\n")
-    assert error_of(path) == f"{path}:3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"
-    path = write(tmp_path, "sft:\n  batch_size: 0\n")
-    assert error_of(path) == f"{path}:2: sft.batch_size: must be at least 1, got 0"
-    path = write(tmp_path, "run:\n  name: ../elsewhere\n")
-    assert error_of(path) == f"{path}:2: run.name: must be a plain folder name, got '../elsewhere'"
-
-
-def test_missing_files_are_named(tmp_path):
-    path = write(tmp_path, "sft:\n  data:\n    train: data/missing.jsonl\n")
-    assert error_of(path) == f"{path}:3: sft.data.train: no such file or folder: data/missing.jsonl"
-    path = write(tmp_path, "base:\n  model: ./no/such/model\n")
-    assert error_of(path) == f"{path}:2: base.model: no such file or folder: ./no/such/model"
-    path = write(tmp_path, "base:\n  model: pkg:not_a_package_here/x.gguf\n")
-    assert error_of(path) == f"{path}:2: base.model: package 'not_a_package_here' is not installed (needed for pkg:not_a_package_here/x.gguf)"
 
 
 def test_hub_ids_are_not_mistaken_for_missing_files(tmp_path):
