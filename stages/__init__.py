@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages import base, sft
+from stages import base, rm, sft
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),
     Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline),
+    Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -129,7 +129,7 @@ def sft_example(where: str, row: dict) -> dict:
     and {"messages": [...]} ending with the assistant turn to learn; other keys are ignored.
     """
     if "messages" in row:
-        messages = _messages(where, row["messages"], "messages")
+        messages = messages_field(where, row["messages"], "messages")
         if messages[-1]["role"] != "assistant":
             raise ConfigError(f"{where}: 'messages' must end with an assistant turn (the response to learn)")
         if not any(m["role"] == "user" for m in messages[:-1]):
@@ -141,17 +141,17 @@ def sft_example(where: str, row: dict) -> dict:
         raise ConfigError(f"{where}: expected keys 'prompt' and 'response' (or 'messages'); found: {found}")
     prompt = row["prompt"]
     if isinstance(prompt, list):
-        prompt = _messages(where, prompt, "prompt")
+        prompt = messages_field(where, prompt, "prompt")
     else:
-        prompt = [{"role": "user", "content": _text(where, prompt, "prompt")}]
+        prompt = [{"role": "user", "content": text_field(where, prompt, "prompt")}]
     system = row.get("system")
     if system is not None:
-        prompt = [{"role": "system", "content": _text(where, system, "system")}] + prompt
-    response = _text(where, row[response_key], response_key)
+        prompt = [{"role": "system", "content": text_field(where, system, "system")}] + prompt
+    response = text_field(where, row[response_key], response_key)
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": response}]}
 
 
-def _text(where: str, value, key: str) -> str:
+def text_field(where: str, value, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -159,7 +159,7 @@ def _text(where: str, value, key: str) -> str:
     return value
 
 
-def _messages(where: str, value, key: str) -> list[dict]:
+def messages_field(where: str, value, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: '{key}' must be a non-empty list of {{'role', 'content'}} objects")
     messages = []
@@ -168,5 +168,5 @@ def _messages(where: str, value, key: str) -> list[dict]:
             raise ConfigError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
             raise ConfigError(f"{where}: {key}[{i}] has role {message['role']!r} (expected one of {', '.join(ROLES)})")
-        messages.append({"role": message["role"], "content": _text(where, message["content"], f"{key}[{i}].content")})
+        messages.append({"role": message["role"], "content": text_field(where, message["content"], f"{key}[{i}].content")})
     return messages

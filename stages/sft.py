@@ -220,7 +220,7 @@ def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows),
         processing_class=tokenizer,
-        peft_config=_lora_config(cfg.lora) if cfg.method == "lora" else None,
+        peft_config=training.lora_config(cfg.lora, task_type="CAUSAL_LM") if cfg.method == "lora" else None,
         callbacks=[training.MarkCompleteCheckpoints()],
     )
 
@@ -238,10 +238,3 @@ def _before_training(trainer, tokenizer, prompts, cfg: SftConfig, out_dir: Path)
         before["samples"] = training.generate(trainer.model, tokenizer, prompts, cfg.sample_max_new_tokens)
         ckpt.write_json_atomic(path, before)  # a resume reads it back: never leave it torn
     return before
-
-
-def _lora_config(lora: LoraSettings):
-    from peft import LoraConfig
-
-    modules = lora.target_modules if lora.target_modules == "all-linear" else [m.strip() for m in lora.target_modules.split(",")]
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules, task_type="CAUSAL_LM")

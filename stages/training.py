@@ -22,6 +22,15 @@ def mixed_precision(choice: str) -> dict:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
+def lora_config(lora, task_type: str):
+    """peft's LoraConfig from our LoraSettings. For SEQ_CLS, peft also trains and
+    saves the new scalar head in full."""
+    from peft import LoraConfig
+
+    modules = lora.target_modules if lora.target_modules == "all-linear" else [m.strip() for m in lora.target_modules.split(",")]
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules, task_type=task_type)
+
+
 def check_loggers(names: tuple[str, ...], key: str) -> None:
     """Unknown or uninstalled loggers fail before training, not after the first stages ran."""
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations

@@ -104,14 +104,43 @@ TINY_SFT = {
 }
 
 
-def tiny_config(tmp_path: Path, model_dir: Path, train: Path, name: str = "tiny", sft: dict | None = None, base: dict | None = None, eval_path: Path | None = None) -> Path:
-    """A run config for the tiny model, written next to the run's output folder."""
+def tiny_config(tmp_path: Path, model_dir: Path, train: Path, name: str = "tiny", sft: dict | None = None, base: dict | None = None, eval_path: Path | None = None, **stages: dict) -> Path:
+    """A run config for the tiny model, written next to the run's output folder;
+    `stages` adds later stages' sections (rm=..., rlhf=...)."""
     data = {"train": str(train), "eval": str(eval_path) if eval_path else None, "eval_fraction": 0.2}
     config = {
         "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
         "base": {"model": str(model_dir), **(base or {})},
         "sft": {"data": data, **TINY_SFT, **(sft or {})},
+        **stages,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+TINY_RM = {
+    "max_steps": 30,
+    "batch_size": 8,
+    "learning_rate": 3e-3,
+    "warmup_ratio": 0.0,
+    "max_length": 96,
+    "save_steps": 10,
+    "logging_steps": 5,
+}
+
+
+def planted_rankings(sft_rows: list[dict], n: int, marker: str = " Cheers!") -> list[dict]:
+    """Rankings where a completion wins exactly when it carries `marker`: scored lists
+    of K = 2..4 (the marked ones tied at the top) and plain chosen/rejected pairs."""
+    rows = []
+    for i, row in enumerate(sft_rows[:n]):
+        plain = [row["response"], row["response"] + " Sure.", "Well. " + row["response"]]
+        k = 2 + i % 3
+        if i % 4 == 3:
+            rows.append({"prompt": row["prompt"], "chosen": row["response"] + marker, "rejected": plain[0]})
+            continue
+        marked = [c + marker for c in plain[: k - 1]][: 1 + i % 2]
+        completions = plain[: k - len(marked)] + marked
+        rows.append({"prompt": row["prompt"], "completions": completions, "scores": [0] * (k - len(marked)) + [1] * len(marked)})
+    return rows

@@ -20,9 +20,9 @@ from tests.conftest import ROOT, tiny_config, write_jsonl
 SETTINGS = {"max_steps": 60, "save_steps": 4, "learning_rate": 2e-3, "logging_steps": 4, "num_samples": 1}
 
 
-def start(config: Path) -> subprocess.Popen:
+def start(config: Path, stage: str = "sft") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", "sft", "--config", str(config)],
+        [sys.executable, "-m", "pipeline", "run", stage, "--config", str(config)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
