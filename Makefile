@@ -1,7 +1,7 @@
 # rlhf-pipeline. Every target first builds .venv (once), then runs.
 #
 #   make pipeline                     the whole pipeline on configs/default.yaml
-#   make base | make sft              run up to that stage, reusing up-to-date checkpoints
+#   make base | sft | rm | rlhf       run up to that stage, reusing up-to-date checkpoints
 #   make status                       each stage's state, metrics and folder
 #   make test                         the test suite
 #
@@ -20,7 +20,7 @@ INSTALLED := $(VENV)/.installed
 CONFIG_ARGS := --config $(CONFIG) $(if $(strip $(SET)),--set "$(SET)")
 RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help install pipeline base sft status config test clean-venv
+.PHONY: help install pipeline base sft rm rlhf bench status config test clean-venv
 
 help:
 	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
@@ -39,7 +39,7 @@ $(INSTALLED): pyproject.toml
 pipeline: $(INSTALLED)
 	$(PY) -m pipeline run $(RUN_ARGS)
 
-base sft: $(INSTALLED)
+base sft rm rlhf: $(INSTALLED)
 	$(PY) -m pipeline run $@ $(RUN_ARGS)
 
 status: $(INSTALLED)

@@ -62,13 +62,20 @@ class Runner:
 
     # ------------------------------------------------------------ assessing
 
+    @staticmethod
+    def _input_setting(name: str, parent: str) -> str:
+        stage = BY_NAME[name]
+        i = stage.inputs.index(parent)
+        return stage.input_settings[i] if i < len(stage.input_settings) else "init_from"
+
     def assess(self, name: str) -> Assessment:
         if name in self._assessed:
             return self._assessed[name]
         stage, cfg = BY_NAME[name], self.config.stages[name]
         inputs, external, input_prints = {}, set(), {}
         for i, parent in enumerate(stage.inputs):
-            init_from = getattr(cfg, "init_from", None) if i == 0 else None
+            key = stage.input_settings[i] if i < len(stage.input_settings) else None
+            init_from = getattr(cfg, key, None) if key else None
             if init_from:
                 folder = resolve_local(init_from, hub_allowed=False)
                 inputs[parent], input_prints[parent] = folder, {"init_from": self.hashes(folder)}
@@ -129,7 +136,8 @@ class Runner:
             if old.get("inputs", {}).get(parent) == after:
                 continue
             if isinstance(after, dict):
-                reasons.append(f"{name}.init_from: that folder's content changed")
+                key = self._input_setting(name, parent)
+                reasons.append(f"{name}.{key}: that folder's content changed")
             else:
                 why = self._assessed[parent].reasons if parent in self._assessed else []
                 reasons.append(f"{parent} changed" + (f" ({'; '.join(why)})" if why else ""))

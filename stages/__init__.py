@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages import base, rm, sft
+from stages import base, rlhf, rm, sft
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,12 @@ class Stage:
     name: str
     config: type
     inputs: tuple[str, ...]
-    """Parent stages. A config's `init_from` replaces the first one with a folder."""
+    """Parent stages."""
     check: Callable
     run: Callable
     headline: Callable
+    input_settings: tuple[str, ...] = ("init_from",)
+    """Config keys naming a folder that replaces the parent at the same position."""
     main_only: bool = False
     """Runs on the main process alone when launched on several (nothing to train)."""
 
@@ -39,6 +41,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),
     Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline),
     Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline),
+    Stage("rlhf", rlhf.RlhfConfig, ("sft", "rm"), rlhf.check, rlhf.run, rlhf.headline, input_settings=("init_from", "reward_model")),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -122,3 +122,9 @@ def write_log_history(out_dir: Path, history: list[dict]) -> None:
     with open(out_dir / "trainer_log.jsonl", "w", encoding="utf-8") as f:
         for entry in history:
             f.write(json.dumps(entry) + "\n")
+
+
+def progress_bar(total: int, done: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=name, disable=not enabled, dynamic_ncols=True)

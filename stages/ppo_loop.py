@@ -1,0 +1,502 @@
+"""The PPO driver on accelerate: models, the step loop, the update, checkpoints.
+
+Everything that decides a number is in stages/ppo.py; this file moves tensors
+between models, processes and disk. Checkpoints are `accelerator.save_state`
+folders (weights, optimiser, scheduler, every process's RNG, the KL controller and
+the step counter), marked COMPLETE once flushed, so a run killed at any moment
+continues from the last one and, on CPU with a fixed seed, ends with the same
+weights as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
+from stages import data, ppo, rlhf, rollout, training
+
+
+class Progress:
+    """The step counter and the position in the prompt stream, checkpointed with the rest."""
+
+    def __init__(self):
+        self.step = 0
+        self.episodes = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.episodes = state["step"], state["episodes"]
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def prompt_batch(n_prompts: int, step: int, global_batch: int, rank: int, per_rank: int, seed: int) -> list[int]:
+    """Indices of this process's prompts at `step`: epochs of fixed-seed shuffles,
+    read in order. A pure function of the step, so a resumed run reads on exactly
+    where the killed one stopped."""
+    indices = []
+    for position in range(step * global_batch + rank * per_rank, step * global_batch + (rank + 1) * per_rank):
+        epoch, offset = divmod(position, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer):
+    """(PolicyAndValue, reference or None, reward model). Dropout is off everywhere:
+    with it, the update's log-probs would differ from the rollout's for no reason."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def frozen(model):
+        model.eval().requires_grad_(False)
+        return model
+
+    reward_model = frozen(AutoModelForSequenceClassification.from_pretrained(rm_dir, **_no_dropout(rm_dir)))
+    if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
+        raise ConfigError(f"{rm_dir}: not a one-label reward model (num_labels={reward_model.config.num_labels})")
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir))
+    if cfg.method == "full":
+        value = AutoModelForSequenceClassification.from_pretrained(rm_dir, **_no_dropout(rm_dir))  # InstructGPT: V starts as the RM
+        reference = frozen(AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir)))
+        model = rollout.PolicyAndValue(policy, value_model=value)
+    else:
+        from peft import get_peft_model
+
+        lora = training.lora_config(cfg.lora, task_type="CAUSAL_LM")
+        lora.lora_dropout = 0.0
+        peft_model = get_peft_model(policy, lora, adapter_name="policy")
+        peft_model.add_adapter("value", lora)
+        head = torch.nn.Linear(reward_model.score.in_features, 1, bias=reward_model.score.bias is not None)
+        head.load_state_dict(reward_model.score.state_dict())  # the value head starts as the RM's head
+        model, reference = rollout.PolicyAndValue(peft_model, value_head=head), None
+    model.eval()
+    model.use("policy")
+    return model, reference, reward_model
+
+
+def _no_dropout(folder: Path) -> dict:
+    """Config overrides that zero every dropout probability the config names."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return {k: 0.0 for k, v in config.to_dict().items() if "dropout" in k and isinstance(v, float)}
+
+
+def check_same_tokenizer(tokenizer, rm_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(rm_dir)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{rm_dir}: the reward model's tokenizer differs from the policy's; it would score token ids it does not know (train the RM from this SFT model)")
+
+
+# ---------------------------------------------------------------- the update
+
+
+def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages, returns, cfg, ptx) -> dict[str, float]:
+    """`ppo_epochs` passes over the batch in shuffled minibatches, one optimiser step
+    each, gradients accumulated over microbatches. Returns mean stats."""
+    context_len = batch.queries.shape[1]
+    n_micro = cfg.minibatch_size // cfg.microbatch_size
+    totals: dict[str, float] = {}
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.batch_size, device=batch.responses.device)
+        for start in range(0, cfg.batch_size, cfg.minibatch_size):
+            minibatch = order[start : start + cfg.minibatch_size]
+            for micro in range(n_micro):
+                index = minibatch[micro * cfg.microbatch_size : (micro + 1) * cfg.microbatch_size]
+                mb = batch.select(index)
+                sync = micro == n_micro - 1
+                with (torch.enable_grad(), accelerator.no_sync(model) if not sync else _nothing()):
+                    ptx_batch = next(ptx) if ptx is not None else None
+                    logprobs, values, entropy, ptx_loss = model(mb.input_ids(), mb.attention_mask(), context_len, cfg.temperature, ptx_batch)
+                    pg_loss, pg_stats = ppo.policy_loss(logprobs, mb.logprobs, advantages[index], mb.response_mask, cfg.clip_range)
+                    vf_loss, vf_stats = ppo.value_loss(values, mb.values, returns[index], mb.response_mask, cfg.clip_range_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": ppo.masked_mean(entropy, mb.response_mask), **{f"policy/{k}": v for k, v in pg_stats.items()}, "value/clipfrac": vf_stats["vf_clipfrac"], "value/explained_variance": vf_stats["explained_variance"]}
+                    if ptx_loss is not None:
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["loss/ptx"] = ptx_loss
+                    if not torch.isfinite(loss):
+                        raise ConfigError(f"rlhf: the loss became {loss.item()} (policy {pg_loss.item():.4g}, value {vf_loss.item():.4g}); lower learning_rate or check the reward model")
+                    accelerator.backward(loss / n_micro)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                count += 1
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {key: value / count for key, value in totals.items()}
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    precision = training.mixed_precision(cfg.precision)
+    accelerator = Accelerator(
+        cpu=training.cpu_only(),
+        mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
+        log_with=[r for r in cfg.report_to if r != "none"] or None,
+        project_dir=str(out_dir),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(f"{policy_dir}: the tokenizer pads with EOS (or not at all); prepare the model with the base stage")
+    check_same_tokenizer(tokenizer, rm_dir)
+    prompts = rlhf.read_prompts(cfg.data.prompts, "rlhf.data.prompts", cfg.max_prompt_length, tokenizer)
+    if cfg.data.eval_prompts is not None:
+        held = rlhf.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts", cfg.max_prompt_length, tokenizer)
+    else:
+        prompts, held = data.split_rows(prompts, None, cfg.data.eval_fraction, seed, "rlhf.data.prompts")
+    stats = rlhf.reward_stats(rm_dir) if cfg.normalize_scores else None
+    if cfg.normalize_scores and stats is None:
+        raise ConfigError(f"{rm_dir}: no reward_mean/reward_std in its manifest (not built by the rm stage); set rlhf.normalize_scores: false")
+    ptx = _ptx_stream(cfg, tokenizer, accelerator.device, seed) if cfg.ptx_coef > 0 else None
+
+    set_seed(seed, device_specific=True)  # each process samples its own responses
+    model, reference, reward_model = load_models(cfg, policy_dir, rm_dir, tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
+    schedule = (lambda step: 1.0 - step / cfg.steps) if cfg.lr_scheduler == "linear" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model = accelerator.unwrap_model(wrapped)
+    reward_model.to(accelerator.device)
+    if reference is not None:
+        reference.to(accelerator.device)
+    kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else ppo.FixedKLController(cfg.kl_coef)
+    progress = Progress()
+    accelerator.register_for_checkpointing(kl_ctl, progress)
+    generation = GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+    resume = ckpt.latest_checkpoint(out_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"[rlhf] resuming from {resume} (step {progress.step})")
+    metrics_path = out_dir / "metrics.jsonl"
+    history = _read_history(metrics_path, progress.step)
+    eval_before = _before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("rlhf", config={"seed": seed})
+    encoded = [rlhf.encode_prompt(tokenizer, p) for p in prompts]
+    per_rank, world = cfg.batch_size, accelerator.num_processes
+    bar = training.progress_bar(cfg.steps, progress.step, "rlhf", accelerator.is_main_process)
+    steps_this_attempt = 0
+    while progress.step < cfg.steps:
+        step = progress.step
+        timer = Timer()
+        # 1. rollout
+        chosen = prompt_batch(len(encoded), step, per_rank * world, accelerator.process_index, per_rank, seed)
+        queries, query_mask = left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
+        batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer)
+        if not torch.isfinite(batch.scores).all():
+            raise ConfigError(f"rlhf: the reward model returned a non-finite score at step {step}; the last good checkpoint is kept")
+        # 2. rewards: normalised score at the EOS, missing-EOS penalty, per-token KL penalty
+        scores = _normalise(batch.scores, stats, cfg)
+        scores = ppo.penalize_missing_eos(scores, batch.ended, cfg.missing_eos_penalty)
+        kl = ppo.per_token_kl(batch.logprobs, batch.ref_logprobs, batch.response_mask)
+        rewards, non_score = ppo.shaped_rewards(scores, kl, kl_ctl.value, batch.response_mask)
+        if cfg.whiten_rewards:
+            rewards = ppo.masked_whiten(rewards, batch.response_mask, shift_mean=False)
+        # 3. advantages
+        advantages, returns = ppo.gae(rewards, batch.values, batch.response_mask, cfg.gamma, cfg.lam)
+        advantages = ppo.masked_whiten(advantages, batch.response_mask)
+        # 4. update
+        with timer("update"):
+            update_stats = ppo_update(accelerator, wrapped, optimizer, batch, advantages, returns, cfg, ptx)
+        scheduler.step()
+        # 5. bookkeeping
+        kl_per_episode = accelerator.reduce(kl.sum(1).mean(), "mean").item()
+        kl_coef = kl_ctl.value
+        kl_ctl.update(kl_per_episode, per_rank * world)
+        progress.step += 1
+        progress.episodes += per_rank * world
+        steps_this_attempt += 1
+        row = _step_metrics(accelerator, progress, batch, scores, non_score, kl_per_episode, kl_coef, update_stats, scheduler, timer)
+        history.append(row)
+        if accelerator.is_main_process:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            accelerator.log(row, step=progress.step)
+            if step % cfg.sample_steps == 0:
+                _write_rollout_samples(out_dir, tokenizer, batch, scores, progress.step)
+        bar.update(1)
+        bar.set_postfix(score=f"{row['objective/scores']:+.3f}", kl=f"{row['objective/kl']:.3f}")
+        if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps:
+            _save_checkpoint(accelerator, out_dir, progress.step)
+    bar.close()
+    eval_after = evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
+    accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
+    _save_final(accelerator, model, tokenizer, out_dir, eval_before, eval_after)
+    accelerator.end_training()
+    last = history[-1] if history else {}
+    return {
+        "method": cfg.method,
+        "steps": progress.step,
+        "steps_last_attempt": steps_this_attempt,
+        "episodes": progress.episodes,
+        "train_prompts": len(prompts),
+        "eval_prompts": len(held),
+        "eval_before": {k: v for k, v in eval_before.items() if k != "samples"},
+        "eval_after": {k: v for k, v in eval_after.items() if k != "samples"},
+        "final_kl": last.get("objective/kl", 0.0),
+        "final_kl_coef": kl_ctl.value,
+        "mean_scores_first": history[0]["objective/scores"] if history else None,
+        "mean_scores_last": last.get("objective/scores"),
+        "seconds_per_step": sum(h["time/step"] for h in history) / len(history) if history else None,
+        "reward_normalisation": {"mean": stats[0], "std": stats[1]} if stats else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def _normalise(scores, stats, cfg):
+    if stats is not None:
+        scores = (scores - stats[0]) / stats[1]
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return scores
+
+
+def _step_metrics(accelerator, progress, batch, scores, non_score, kl, kl_coef, update_stats, scheduler, timer) -> dict:
+    """One step's metrics, averaged over processes, named as TRL and OpenRLHF users expect."""
+    mask = batch.response_mask
+    lengths = ppo.sequence_lengths(mask).float()
+    local = {
+        "objective/scores": scores.mean(),
+        "objective/raw_scores": batch.scores.mean(),
+        "objective/non_score_reward": non_score.sum(1).mean(),
+        "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
+        "response/length": lengths.mean(),
+        "response/eos_fraction": batch.ended.float().mean(),
+    }
+    row = {"step": progress.step, "episode": progress.episodes}
+    for key, value in local.items():
+        row[key] = accelerator.reduce(value.detach().float(), "mean").item()
+    row["objective/kl"] = kl
+    row["objective/kl_coef"] = kl_coef
+    for key, value in update_stats.items():
+        row[key] = accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
+    row["objective/entropy"] = row.pop("policy/entropy") * row["response/length"]
+    row["lr"] = scheduler.get_last_lr()[0]
+    total = sum(timer.seconds.values())
+    row.update({f"time/{k}": round(v, 3) for k, v in timer.seconds.items()})
+    row["time/step"] = round(total, 3)
+    tokens = accelerator.reduce(mask.sum().float() + batch.query_mask.sum().float(), "sum").item()
+    row["tokens_per_second"] = round(tokens / total, 1) if total else None
+    return row
+
+
+def _read_history(path: Path, step: int) -> list[dict]:
+    """Metrics of the steps the checkpoint covers; lines a killed run wrote after it are dropped."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _save_checkpoint(accelerator, out_dir: Path, step: int) -> None:
+    folder = out_dir / f"{ckpt.CHECKPOINT_PREFIX}{step}"
+    accelerator.save_state(str(folder), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.mark_checkpoint_complete(folder)
+        complete = sorted((p for p in out_dir.glob(f"{ckpt.CHECKPOINT_PREFIX}*") if (p / ckpt.CHECKPOINT_MARKER).exists()), key=ckpt.checkpoint_step)
+        for old in complete[:-2]:  # the newest complete one survives a crash while writing the next
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _ptx_stream(cfg, tokenizer, device, seed):
+    """Endless microbatches of SFT rows, loss on the response only, for PPO-ptx."""
+    rows = [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx")]
+    rng = random.Random(f"ptx:{seed}")
+    examples = []
+    for row in rows:
+        prompt = rlhf.encode_prompt(tokenizer, row["prompt"])
+        response = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + response)[: cfg.max_prompt_length + cfg.max_new_tokens]
+        examples.append((ids, [-100] * len(prompt) + response))
+    if len(examples) < cfg.microbatch_size:
+        raise ConfigError(f"rlhf.data.ptx: {len(examples)} row(s), fewer than one microbatch ({cfg.microbatch_size})")
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - cfg.microbatch_size + 1, cfg.microbatch_size):
+            chunk = [examples[i] for i in order[start : start + cfg.microbatch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            labels = torch.full((len(chunk), width), -100)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (seq, lab) in enumerate(chunk):
+                ids[r, : len(seq)], labels[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), torch.tensor(lab[: len(seq)]), 1
+            yield ids.to(device), mask.to(device), labels.to(device)
+
+
+# ---------------------------------------------------------------- evaluation and output
+
+
+@torch.no_grad()
+def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, stats, keep_text: int = 0) -> dict:
+    """Greedy responses to held-out prompts, scored by the reward model (normalised
+    like the training scores, before any penalty). Prompts are shared among processes."""
+    from accelerate.utils import gather_object
+    from transformers import GenerationConfig
+
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.use("policy")
+    rows = []
+    with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine:
+        for start in range(0, len(mine), cfg.eval_batch_size):
+            chunk = mine[start : start + cfg.eval_batch_size]
+            queries, query_mask = left_pad([rlhf.encode_prompt(tokenizer, p) for _, p in chunk], tokenizer.pad_token_id, accelerator.device)
+            raw = rollout.sample(model.policy, queries, query_mask, greedy)
+            responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            input_ids = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([query_mask, mask.long()], 1)
+            per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, queries.shape[1])
+            lengths = ppo.sequence_lengths(mask)
+            scores = _normalise(per_token[torch.arange(len(lengths)), lengths - 1], stats, cfg)
+            for r, (index, _) in enumerate(chunk):
+                text = tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True)
+                rows.append((index, scores[r].item(), bool(ended[r]), int(lengths[r]), text))
+    rows = sorted(dict((r[0], r) for r in gather_object(rows)).values())
+    result = {
+        "score": sum(r[1] for r in rows) / len(rows),
+        "eos_fraction": sum(r[2] for r in rows) / len(rows),
+        "length": sum(r[3] for r in rows) / len(rows),
+        "prompts": len(rows),
+    }
+    if keep_text:
+        result["samples"] = [{"prompt": prompts[r[0]][-1]["content"], "response": r[4], "score": r[1]} for r in rows[:keep_text]]
+    return result
+
+
+def _before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir: Path) -> dict:
+    """The SFT policy's held-out score, kept in the work folder so a resumed run
+    reports the true starting point."""
+    path = out_dir / "before_training.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
+    if accelerator.is_main_process:
+        ckpt.write_json_atomic(path, result)
+    return result
+
+
+def _write_rollout_samples(out_dir: Path, tokenizer, batch: rollout.Rollout, scores, step: int) -> None:
+    lengths = ppo.sequence_lengths(batch.response_mask)
+    with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for r in range(min(2, len(lengths))):
+            prompt = tokenizer.decode(batch.queries[r][batch.query_mask[r].bool()], skip_special_tokens=False)
+            response = tokenizer.decode(batch.responses[r, : lengths[r]], skip_special_tokens=False)
+            f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": scores[r].item()}) + "\n")
+
+
+def _save_final(accelerator, model, tokenizer, out_dir: Path, eval_before: dict, eval_after: dict) -> None:
+    """The policy as a plain causal-LM folder, the value model in value/ as a plain
+    sequence-classification folder, and held-out samples before and after."""
+    import copy
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    if model.lora:  # merge each adapter into its own copy of the shared weights
+        policy = copy.deepcopy(model.policy)
+        policy.delete_adapter("value")
+        policy = policy.merge_and_unload()
+        value_lm = copy.deepcopy(model.policy)
+        value_lm.set_adapter("value")
+        value_lm.delete_adapter("policy")
+        value = _value_model_from(value_lm.merge_and_unload(), model.value_head)
+    else:
+        policy, value = model.policy, model.value_model
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    value.save_pretrained(out_dir / "value")
+    tokenizer.save_pretrained(out_dir / "value")
+    ckpt.write_json_atomic(out_dir / "eval.json", {"before": eval_before, "after": eval_after})
+    pairs = zip(eval_before.get("samples", []), eval_after.get("samples", []), strict=False)
+    samples = [{"prompt": b["prompt"], "sft": b["response"], "sft_score": b["score"], "ppo": a["response"], "ppo_score": a["score"]} for b, a in pairs]
+    (out_dir / "samples.md").write_text(_samples_markdown(samples), encoding="utf-8")
+
+
+def _value_model_from(causal_lm, head):
+    """A sequence-classification model with this backbone and head, so value/ loads
+    with AutoModelForSequenceClassification like the reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy_config(causal_lm.config)
+    value = AutoModelForSequenceClassification.from_config(config)
+    value.base_model.load_state_dict(causal_lm.base_model.state_dict())
+    value.score.load_state_dict(head.state_dict())
+    return value
+
+
+def copy_config(config):
+    import copy
+
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    config.architectures = None
+    return config
+
+
+def _samples_markdown(samples: list[dict]) -> str:
+    lines = ["# Greedy responses to held-out prompts, SFT policy vs PPO policy", ""]
+    for i, s in enumerate(samples, 1):
+        lines.append(f"## {i}. {s['prompt']}")
+        for who in ("sft", "ppo"):
+            lines += [f"**{who.upper()}** (score {s[who + '_score']:+.3f}):", "", "> " + (s[who] or "(empty)").replace("\n", "\n> "), ""]
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Stage 4, rlhf: PPO of the SFT policy against the frozen reward model, with a
+per-token KL penalty to the SFT reference (Ziegler et al. 2019; InstructGPT §3.5).
+
+One PPO step reads top to bottom in `run`:
+    1. rollout     sample responses, then log-probs, reference log-probs, values, scores
+    2. rewards     normalised score at the EOS, missing-EOS penalty, -kl_coef * KL per token
+    3. advantages  GAE, whitened
+    4. update      PPO epochs over shuffled minibatches (stages.ppo_loop)
+    5. bookkeeping KL controller, metrics, checkpoint
+The math lives in stages/ppo.py, the model side in stages/rollout.py.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import ConfigError, SettingError, resolve_local, setting
+from stages import data
+from stages.sft import LoraSettings
+
+
+@dataclass(frozen=True)
+class RlhfData:
+    prompts: str = setting("configs/data/demo_prompts.jsonl", path="local-or-hub")
+    """Prompts to roll out: rows with "prompt" (text or messages) or "messages"."""
+    eval_prompts: str | None = setting(None, path="local-or-hub")
+    """Held-out prompts scored before and after; null holds out `eval_fraction` of `prompts`."""
+    eval_fraction: float = 0.125
+    ptx: str | None = setting(None, path="local-or-hub")
+    """Prompt-response rows for PPO-ptx (InstructGPT's language-modelling mix); needs ptx_coef > 0."""
+
+    def __post_init__(self):
+        if not 0 < self.eval_fraction < 1:
+            raise SettingError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class RlhfConfig:
+    init_from: str | None = setting(None, path="local", fingerprint=False)
+    """Policy (and reference) folder instead of the run's SFT checkpoint."""
+    reward_model: str | None = setting(None, path="local", fingerprint=False)
+    """Any one-label sequence-classification folder instead of the run's RM checkpoint."""
+    data: RlhfData = RlhfData()
+    method: Literal["full", "lora"] = "full"
+    """lora: policy and value are adapters on one frozen copy of the SFT weights, which is also the reference."""
+    lora: LoraSettings = LoraSettings()
+    steps: int = 100
+    """PPO steps; each rolls out `batch_size` prompts per process and updates on them."""
+    batch_size: int = 8
+    minibatch_size: int = 8
+    """Episodes per optimiser step; divides batch_size."""
+    microbatch_size: int = 8
+    """Episodes per forward/backward (gradient accumulation inside a minibatch); divides minibatch_size."""
+    ppo_epochs: int = 4
+    learning_rate: float = 3e-6
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    """linear anneals to 0 at the last step."""
+    max_prompt_length: int = 256
+    max_new_tokens: int = 53
+    temperature: float = 0.7
+    top_k: int = 0
+    """0: off. Anything but plain temperature sampling biases the KL estimate (it can go negative)."""
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty."""
+    kl_target: float | None = None
+    """Set to adapt kl_coef toward this KL per episode (Ziegler et al.'s controller); null keeps it fixed."""
+    kl_horizon: int = 10000
+    normalize_scores: bool = True
+    """Standardise scores with the held-out mean and std the RM stage stored."""
+    score_clip: float | None = None
+    """Clip (normalised) scores to +-this."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response that never ends."""
+    whiten_rewards: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ptx_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_steps: int = setting(10, fingerprint=False)
+    sample_steps: int = setting(10, fingerprint=False)
+    """Steps between rollout samples written to samples.jsonl."""
+    eval_batch_size: int = setting(16, fingerprint=False)
+    num_samples: int = setting(4, fingerprint=False)
+    report_to: tuple[str, ...] = setting(("none",), fingerprint=False)
+    """Trackers accelerate logs to, besides metrics.jsonl: tensorboard, wandb, ..."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "minibatch_size", "microbatch_size", "ppo_epochs", "max_prompt_length", "max_new_tokens", "save_steps", "sample_steps", "eval_batch_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.minibatch_size:
+            raise SettingError("minibatch_size", f"must divide batch_size ({self.batch_size}), got {self.minibatch_size}")
+        if self.minibatch_size % self.microbatch_size:
+            raise SettingError("microbatch_size", f"must divide minibatch_size ({self.minibatch_size}), got {self.microbatch_size}")
+        for name in ("learning_rate", "temperature"):
+            if getattr(self, name) <= 0:
+                raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
+        if self.ptx_coef > 0 and self.data.ptx is None:
+            raise SettingError("ptx_coef", "needs data.ptx (prompt-response rows to keep modelling)")
+
+    def unused(self) -> set[str]:
+        unused = {"lora"} if self.method == "full" else set()
+        if self.kl_target is None:
+            unused.add("kl_horizon")
+        return unused
+
+
+def read_prompts(source: str, key: str, max_length: int | None = None, tokenizer=None) -> list[list[dict]]:
+    """Chat prompts from rows with "prompt" (text or messages) or "messages" (a
+    trailing assistant turn is dropped). With a tokenizer, a prompt longer than
+    `max_length` tokens is an error naming its line."""
+    prompts = []
+    for where, row in data.read_rows(source, key):
+        if "prompt" in row:
+            prompt = row["prompt"]
+            messages = data.messages_field(where, prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": data.text_field(where, prompt, "prompt")}]
+        elif "messages" in row:
+            messages = data.messages_field(where, row["messages"], "messages")
+            if messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        else:
+            raise ConfigError(f"{where}: expected a 'prompt' (or 'messages'); found keys: {', '.join(sorted(row)) or 'none'}")
+        if not messages:
+            raise ConfigError(f"{where}: the prompt has no turns")
+        if tokenizer is not None:
+            n = len(encode_prompt(tokenizer, messages))
+            if n > max_length:
+                raise ConfigError(f"{where}: the prompt is {n} tokens, over rlhf.max_prompt_length={max_length}")
+        prompts.append(messages)
+    return prompts
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check(cfg: RlhfConfig) -> None:
+    from stages import training
+
+    training.check_loggers(cfg.report_to, "rlhf.report_to")
+    for key, folder in (("init_from", cfg.init_from), ("reward_model", cfg.reward_model)):
+        if folder is not None and not (resolve_local(folder, hub_allowed=False) / "config.json").is_file():
+            raise ConfigError(f"rlhf.{key}: {folder} is not a model folder (no config.json)")
+    read_prompts(cfg.data.prompts, "rlhf.data.prompts")
+    if cfg.data.eval_prompts is not None:
+        read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
+    if cfg.data.ptx is not None:
+        [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx")]
+    if cfg.top_k or cfg.top_p < 1:
+        warnings.warn("rlhf: top_k/top_p sample from a truncated policy, so the KL estimate is biased (it can go negative); plain temperature sampling is exact", stacklevel=2)
+
+
+def headline(metrics: dict) -> str:
+    if not metrics:
+        return "-"
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    return f"held-out score {before['score']:+.3f} -> {after['score']:+.3f}, KL {metrics['final_kl']:.2f}, {metrics['steps']} steps ({metrics['method']})"
+
+
+def run(cfg: RlhfConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
+    from stages import ppo_loop
+
+    return ppo_loop.train(cfg, inputs["sft"], inputs["rm"], out_dir, seed)
+
+
+def reward_stats(rm_dir: Path) -> tuple[float, float] | None:
+    """The held-out reward mean and std the RM stage stored in its manifest."""
+    manifest = rm_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    metrics = json.loads(manifest.read_text()).get("metrics", {})
+    if "reward_mean" not in metrics or not metrics.get("reward_std"):
+        return None
+    return float(metrics["reward_mean"]), float(metrics["reward_std"])

@@ -1,0 +1,193 @@
+"""The RLHF stage on tiny models: PPO raises a planted reward with bounded KL,
+rollout and update agree on every log-probability, LoRA's reference is the SFT
+model, bad inputs stop before training, and a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from pipeline import checkpoint as ckpt
+from pipeline import cli
+from pipeline import config as configuration
+from pipeline.config import ConfigError
+from stages import base, ppo_loop, rlhf
+from stages.sft import LoraSettings
+from tests.conftest import make_tokenizer, tiny_config, write_jsonl
+from tests.test_resume import start, wait_for_checkpoint
+
+PLANTED = "Cheers"
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after the base stage, standing in for an SFT checkpoint."""
+    out = tmp_path_factory.mktemp("policy")
+    base.run(base.BaseConfig(model=str(tiny_model_dir)), {}, out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted_rm(policy_dir, tmp_path_factory):
+    """A reward model that scores a response by its last token's embedding along the
+    planted token's: no transformer layers, so the score is a fixed function of that
+    token, highest for the planted one."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    planted = tokenizer(PLANTED, add_special_tokens=False)["input_ids"][0]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=4,
+                         num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        direction = model.model.embed_tokens.weight[planted]
+        model.score.weight.copy_(4 * direction / direction.norm())
+    folder = tmp_path_factory.mktemp("planted_rm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts(sft_rows, tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows[:72]])
+
+
+def config(prompts, **settings) -> rlhf.RlhfConfig:
+    values = {
+        "data": rlhf.RlhfData(prompts=str(prompts), eval_fraction=0.125),
+        "steps": 4, "batch_size": 8, "minibatch_size": 4, "microbatch_size": 2, "ppo_epochs": 2,
+        "learning_rate": 3e-3, "max_new_tokens": 6, "temperature": 1.0, "normalize_scores": False,
+        "missing_eos_penalty": 0.0, "save_steps": 2, "sample_steps": 1, "eval_batch_size": 16, "num_samples": 2,
+    }
+    return rlhf.RlhfConfig(**{**values, **settings})
+
+
+def history(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_a_planted_reward_with_bounded_kl(policy_dir, planted_rm, prompts, tmp_path):
+    cfg = config(prompts, steps=30, batch_size=16, minibatch_size=8, microbatch_size=8, ppo_epochs=4, learning_rate=1e-2, max_new_tokens=3, kl_coef=0.2)
+    metrics = ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    rows = history(tmp_path)
+    assert len(rows) == 30 and metrics["steps"] == 30
+    first = sum(r["objective/scores"] for r in rows[:5]) / 5
+    last = sum(r["objective/scores"] for r in rows[-5:]) / 5
+    assert last > first + 2.0, (first, last)
+    kls = [r["objective/kl"] for r in rows]
+    assert max(kls) < 12 and kls[-1] > 1.0, kls  # it moved, and the KL penalty held it near the reference
+    assert metrics["eval_after"]["score"] > metrics["eval_before"]["score"]
+    for key in ("objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "loss/policy", "loss/value", "policy/approx_kl",
+                "policy/clipfrac", "policy/ratio_mean", "value/clipfrac", "response/length", "response/eos_fraction", "lr", "tokens_per_second",
+                "time/generation", "time/scoring", "time/update"):
+        assert key in rows[0], key
+    assert rows[-1]["lr"] < rows[0]["lr"], "the learning rate anneals"
+
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # plain folders
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
+    assert (tmp_path / "samples.md").read_text().count("**PPO**") == 2
+
+
+def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir, planted_rm, prompts, tmp_path):
+    # One epoch over one minibatch: the update's first forward sees the rollout's own
+    # weights, so each ratio is exactly 1 unless padding, positions or temperature differ.
+    cfg = config(prompts, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=4, temperature=0.7, max_new_tokens=10)
+    ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=3)
+    row = history(tmp_path)[0]
+    assert row["policy/ratio_min"] == pytest.approx(1.0, abs=1e-5) and row["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert row["policy/clipfrac"] == 0.0 and row["objective/kl"] == pytest.approx(0.0, abs=1e-5), "the policy starts as the reference"
+
+
+def test_lora_keeps_one_backbone_whose_reference_is_the_sft_model(policy_dir, planted_rm, prompts, tmp_path):
+    cfg = config(prompts, method="lora", lora=LoraSettings(r=2, alpha=4), steps=2, learning_rate=1e-2)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, reference, _ = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    assert reference is None, "no second copy of the weights"
+    sft = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(model.reference_logits(ids, mask, 2), sft(ids).logits[:, 1:-1]), "adapters disabled is exactly the SFT model"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "value_head" in n for n in trainable) and frozen
+    assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable), trainable
+
+    metrics = ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    assert metrics["trainable_parameters"] < sum(p.numel() for p in sft.parameters()) / 2
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert not torch.allclose(trained(ids).logits, sft(ids).logits, atol=1e-5), "the merged policy carries the update"
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(policy_dir, prompts, tmp_path):
+    other = tmp_path / "other_rm"
+    tokenizer = make_tokenizer(pad="<|endoftext|>")
+    tokenizer.add_tokens(["<|extra|>"])
+    config_ = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config_).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ConfigError, match="tokenizer differs from the policy's"):
+        ppo_loop.train(config(prompts), policy_dir, other, tmp_path / "out", seed=0)
+
+
+def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, planted_rm, prompts, tmp_path):
+    broken = tmp_path / "nan_rm"
+    model = AutoModelForSequenceClassification.from_pretrained(planted_rm)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(planted_rm).save_pretrained(broken)
+    cfg = config(prompts)
+    with pytest.raises(ConfigError, match="non-finite"):
+        ppo_loop.train(cfg, policy_dir, broken, tmp_path / "out", seed=0)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ("minibatch_size: 3", "rlhf.minibatch_size: must divide batch_size (8), got 3"),
+    ("microbatch_size: 3", "rlhf.microbatch_size: must divide minibatch_size (8), got 3"),
+    ("ptx_coef: 0.5", "rlhf.ptx_coef: needs data.ptx"),
+    ("top_p: 0", "rlhf.top_p: must be in (0, 1], got 0.0"),
+])
+def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run:\n  name: x\nrlhf:\n  batch_size: 8\n  minibatch_size: 8\n  {settings}\n")
+    with pytest.raises(ConfigError) as error:
+        configuration.load(path, [])
+    assert message in str(error.value) and str(error.value).startswith(f"{path}:")
+
+
+def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path):
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24])
+    section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 12, "batch_size": 8, "minibatch_size": 4,
+               "microbatch_size": 2, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 6, "normalize_scores": False, "save_steps": 3}
+    straight = tiny_config(tmp_path, tiny_model_dir, train, name="straight", sft={"max_steps": 2}, rlhf=section)
+    assert cli.main(["run", "rlhf", "--config", str(straight)]) == 0
+    killed = tiny_config(tmp_path, tiny_model_dir, train, name="killed", sft={"max_steps": 2}, rlhf=section)
+    assert cli.main(["run", "sft", "--config", str(killed)]) == 0
+    run = tmp_path / "runs" / "killed"
+    process = start(killed, "rlhf")
+    wait_for_checkpoint(process, ckpt.partial_dir(run, "rlhf"), at_least=6)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not (run / "rlhf").exists()
+
+    process = start(killed, "rlhf")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "rlhf: resuming the interrupted run from step" in output
+    manifest = json.loads((run / "rlhf" / "manifest.json").read_text())
+    assert 0 < manifest["metrics"]["steps_last_attempt"] < 12
+    assert [r["step"] for r in history(run / "rlhf")] == list(range(1, 13)), "one metrics line per step, none repeated"
+    expected = load_file(tmp_path / "runs" / "straight" / "rlhf" / "model.safetensors")
+    actual = load_file(run / "rlhf" / "model.safetensors")
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
+    straight_rows = history(tmp_path / "runs" / "straight" / "rlhf")
+    assert [r["objective/scores"] for r in history(run / "rlhf")] == pytest.approx([r["objective/scores"] for r in straight_rows], abs=1e-6)
