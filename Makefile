@@ -3,6 +3,7 @@
 #   make pipeline                     the whole pipeline on configs/default.yaml
 #   make base | sft | rm | rlhf       run up to that stage, reusing up-to-date checkpoints
 #   make status                       each stage's state, metrics and folder
+#   make bench                        PPO speed and memory on SmolLM2, as JSON
 #   make test                         the test suite
 #
 # Variables: CONFIG=path.yaml  SET="sft.learning_rate=1e-5 sft.method=lora"  FORCE=1 (rerun the named stage)
@@ -23,7 +24,7 @@ RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 .PHONY: help install pipeline base sft rm rlhf bench status config test clean-venv
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 
 install: $(INSTALLED)
 
@@ -41,6 +42,11 @@ pipeline: $(INSTALLED)
 
 base sft rm rlhf: $(INSTALLED)
 	$(PY) -m pipeline run $@ $(RUN_ARGS)
+
+# PPO speed and peak memory on SmolLM2 (JSON); builds the run's sft and rm first.
+bench: $(INSTALLED)
+	$(PY) -m pipeline run rm $(CONFIG_ARGS)
+	$(PY) -m pipeline.bench
 
 status: $(INSTALLED)
 	@$(PY) -m pipeline status $(CONFIG_ARGS)

@@ -121,6 +121,16 @@ def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor
     return torch.where(mask.bool(), kl, torch.zeros_like(kl))
 
 
+def normalize_scores(scores: Tensor, mean_std: tuple[float, float] | None, clip: float | None) -> Tensor:
+    """(scores - mean) / std with the reward model's held-out statistics, so an SFT-like
+    completion scores about 0 (InstructGPT's bias); then clipped to +-clip if given."""
+    if mean_std is not None:
+        scores = (scores - mean_std[0]) / mean_std[1]
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
 def penalize_missing_eos(scores: Tensor, ended: Tensor, penalty: float) -> Tensor:
     """scores (batch,) minus `penalty` where ended (batch,) is false; a new tensor.
 

@@ -11,7 +11,6 @@ weights as a run that was never stopped.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
-from stages import data, ppo, rlhf, rollout, training
+from stages import data, ppo, ppo_output, rlhf, rollout, training
 
 
 class Progress:
@@ -61,16 +60,6 @@ def prompt_batch(n_prompts: int, step: int, global_batch: int, rank: int, per_ra
         random.Random(f"{seed}:{epoch}").shuffle(order)
         indices.append(order[offset])
     return indices
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ---------------------------------------------------------------- models
@@ -224,7 +213,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         accelerator.print(f"[rlhf] resuming from {resume} (step {progress.step})")
     metrics_path = out_dir / "metrics.jsonl"
     history = _read_history(metrics_path, progress.step)
-    eval_before = _before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir)
+    eval_before = ppo_output.before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("rlhf", config={"seed": seed})
     encoded = [rlhf.encode_prompt(tokenizer, p) for p in prompts]
@@ -236,12 +225,13 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         timer = Timer()
         # 1. rollout
         chosen = prompt_batch(len(encoded), step, per_rank * world, accelerator.process_index, per_rank, seed)
-        queries, query_mask = left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
-        batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer)
+        queries, query_mask = rollout.left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
+        with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
+            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer)
         if not torch.isfinite(batch.scores).all():
             raise ConfigError(f"rlhf: the reward model returned a non-finite score at step {step}; the last good checkpoint is kept")
         # 2. rewards: normalised score at the EOS, missing-EOS penalty, per-token KL penalty
-        scores = _normalise(batch.scores, stats, cfg)
+        scores = ppo.normalize_scores(batch.scores, stats, cfg.score_clip)
         scores = ppo.penalize_missing_eos(scores, batch.ended, cfg.missing_eos_penalty)
         kl = ppo.per_token_kl(batch.logprobs, batch.ref_logprobs, batch.response_mask)
         rewards, non_score = ppo.shaped_rewards(scores, kl, kl_ctl.value, batch.response_mask)
@@ -268,15 +258,15 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
                 f.write(json.dumps(row) + "\n")
             accelerator.log(row, step=progress.step)
             if step % cfg.sample_steps == 0:
-                _write_rollout_samples(out_dir, tokenizer, batch, scores, progress.step)
+                ppo_output.write_rollout_samples(out_dir, tokenizer, batch, scores, progress.step)
         bar.update(1)
         bar.set_postfix(score=f"{row['objective/scores']:+.3f}", kl=f"{row['objective/kl']:.3f}")
         if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps:
             _save_checkpoint(accelerator, out_dir, progress.step)
     bar.close()
-    eval_after = evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
+    eval_after = ppo_output.evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
     accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
-    _save_final(accelerator, model, tokenizer, out_dir, eval_before, eval_after)
+    ppo_output.save_final(accelerator, model, tokenizer, out_dir, eval_before, eval_after)
     accelerator.end_training()
     last = history[-1] if history else {}
     return {
@@ -296,14 +286,6 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         "reward_normalisation": {"mean": stats[0], "std": stats[1]} if stats else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-
-
-def _normalise(scores, stats, cfg):
-    if stats is not None:
-        scores = (scores - stats[0]) / stats[1]
-    if cfg.score_clip is not None:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    return scores
 
 
 def _step_metrics(accelerator, progress, batch, scores, non_score, kl, kl_coef, update_stats, scheduler, timer) -> dict:
@@ -382,121 +364,3 @@ def _ptx_stream(cfg, tokenizer, device, seed):
             for r, (seq, lab) in enumerate(chunk):
                 ids[r, : len(seq)], labels[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), torch.tensor(lab[: len(seq)]), 1
             yield ids.to(device), mask.to(device), labels.to(device)
-
-
-# ---------------------------------------------------------------- evaluation and output
-
-
-@torch.no_grad()
-def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, stats, keep_text: int = 0) -> dict:
-    """Greedy responses to held-out prompts, scored by the reward model (normalised
-    like the training scores, before any penalty). Prompts are shared among processes."""
-    from accelerate.utils import gather_object
-    from transformers import GenerationConfig
-
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.use("policy")
-    rows = []
-    with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine:
-        for start in range(0, len(mine), cfg.eval_batch_size):
-            chunk = mine[start : start + cfg.eval_batch_size]
-            queries, query_mask = left_pad([rlhf.encode_prompt(tokenizer, p) for _, p in chunk], tokenizer.pad_token_id, accelerator.device)
-            raw = rollout.sample(model.policy, queries, query_mask, greedy)
-            responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            input_ids = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([query_mask, mask.long()], 1)
-            per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, queries.shape[1])
-            lengths = ppo.sequence_lengths(mask)
-            scores = _normalise(per_token[torch.arange(len(lengths)), lengths - 1], stats, cfg)
-            for r, (index, _) in enumerate(chunk):
-                text = tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True)
-                rows.append((index, scores[r].item(), bool(ended[r]), int(lengths[r]), text))
-    rows = sorted(dict((r[0], r) for r in gather_object(rows)).values())
-    result = {
-        "score": sum(r[1] for r in rows) / len(rows),
-        "eos_fraction": sum(r[2] for r in rows) / len(rows),
-        "length": sum(r[3] for r in rows) / len(rows),
-        "prompts": len(rows),
-    }
-    if keep_text:
-        result["samples"] = [{"prompt": prompts[r[0]][-1]["content"], "response": r[4], "score": r[1]} for r in rows[:keep_text]]
-    return result
-
-
-def _before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir: Path) -> dict:
-    """The SFT policy's held-out score, kept in the work folder so a resumed run
-    reports the true starting point."""
-    path = out_dir / "before_training.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    result = evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
-    if accelerator.is_main_process:
-        ckpt.write_json_atomic(path, result)
-    return result
-
-
-def _write_rollout_samples(out_dir: Path, tokenizer, batch: rollout.Rollout, scores, step: int) -> None:
-    lengths = ppo.sequence_lengths(batch.response_mask)
-    with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-        for r in range(min(2, len(lengths))):
-            prompt = tokenizer.decode(batch.queries[r][batch.query_mask[r].bool()], skip_special_tokens=False)
-            response = tokenizer.decode(batch.responses[r, : lengths[r]], skip_special_tokens=False)
-            f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": scores[r].item()}) + "\n")
-
-
-def _save_final(accelerator, model, tokenizer, out_dir: Path, eval_before: dict, eval_after: dict) -> None:
-    """The policy as a plain causal-LM folder, the value model in value/ as a plain
-    sequence-classification folder, and held-out samples before and after."""
-    import copy
-
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    if model.lora:  # merge each adapter into its own copy of the shared weights
-        policy = copy.deepcopy(model.policy)
-        policy.delete_adapter("value")
-        policy = policy.merge_and_unload()
-        value_lm = copy.deepcopy(model.policy)
-        value_lm.set_adapter("value")
-        value_lm.delete_adapter("policy")
-        value = _value_model_from(value_lm.merge_and_unload(), model.value_head)
-    else:
-        policy, value = model.policy, model.value_model
-    policy.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    value.save_pretrained(out_dir / "value")
-    tokenizer.save_pretrained(out_dir / "value")
-    ckpt.write_json_atomic(out_dir / "eval.json", {"before": eval_before, "after": eval_after})
-    pairs = zip(eval_before.get("samples", []), eval_after.get("samples", []), strict=False)
-    samples = [{"prompt": b["prompt"], "sft": b["response"], "sft_score": b["score"], "ppo": a["response"], "ppo_score": a["score"]} for b, a in pairs]
-    (out_dir / "samples.md").write_text(_samples_markdown(samples), encoding="utf-8")
-
-
-def _value_model_from(causal_lm, head):
-    """A sequence-classification model with this backbone and head, so value/ loads
-    with AutoModelForSequenceClassification like the reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    config = copy_config(causal_lm.config)
-    value = AutoModelForSequenceClassification.from_config(config)
-    value.base_model.load_state_dict(causal_lm.base_model.state_dict())
-    value.score.load_state_dict(head.state_dict())
-    return value
-
-
-def copy_config(config):
-    import copy
-
-    config = copy.deepcopy(config)
-    config.num_labels = 1
-    config.architectures = None
-    return config
-
-
-def _samples_markdown(samples: list[dict]) -> str:
-    lines = ["# Greedy responses to held-out prompts, SFT policy vs PPO policy", ""]
-    for i, s in enumerate(samples, 1):
-        lines.append(f"## {i}. {s['prompt']}")
-        for who in ("sft", "ppo"):
-            lines += [f"**{who.upper()}** (score {s[who + '_score']:+.3f}):", "", "> " + (s[who] or "(empty)").replace("\n", "\n> "), ""]
-    return "\n".join(lines)

@@ -159,7 +159,8 @@ def check(cfg: RlhfConfig) -> None:
     if cfg.data.eval_prompts is not None:
         read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
     if cfg.data.ptx is not None:
-        [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx")]
+        for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx"):
+            data.sft_example(where, row)
     if cfg.top_k or cfg.top_p < 1:
         warnings.warn("rlhf: top_k/top_p sample from a truncated policy, so the KL estimate is biased (it can go negative); plain temperature sampling is exact", stacklevel=2)
 

@@ -42,6 +42,16 @@ class Rollout:
         return Rollout(**{k: v[index] for k, v in vars(self).items()})
 
 
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over real tokens; left padding gets 0 (it is masked anyway). The
     same rule `generate` uses, so sampling and scoring agree."""

@@ -107,8 +107,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 def write_samples(out_dir: Path, rows: list[dict]) -> None:
     """samples.jsonl for programs and samples.md for people, side by side."""
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     lines = ["# Sample generations (greedy, held-out prompts)", ""]
     for i, row in enumerate(rows, start=1):
         lines.append(f"## {i}. {row['prompt']}")
@@ -120,8 +119,7 @@ def write_samples(out_dir: Path, rows: list[dict]) -> None:
 
 def write_log_history(out_dir: Path, history: list[dict]) -> None:
     with open(out_dir / "trainer_log.jsonl", "w", encoding="utf-8") as f:
-        for entry in history:
-            f.write(json.dumps(entry) + "\n")
+        f.writelines(json.dumps(entry) + "\n" for entry in history)
 
 
 def progress_bar(total: int, done: int, name: str, enabled: bool):

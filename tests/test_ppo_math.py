@@ -339,3 +339,10 @@ def test_fixed_kl_never_moves_and_state_dicts_round_trip():
     other = ppo.FixedKLController(1.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.05
+
+
+def test_scores_are_standardised_with_the_reward_models_statistics_then_clipped():
+    scores = torch.tensor([3.0, -1.0, 11.0])
+    # (3 - 1) / 2 = 1, (-1 - 1) / 2 = -1, (11 - 1) / 2 = 5 -> clipped to 4
+    assert torch.equal(ppo.normalize_scores(scores, (1.0, 2.0), 4.0), torch.tensor([1.0, -1.0, 4.0]))
+    assert torch.equal(ppo.normalize_scores(scores, None, None), scores)
