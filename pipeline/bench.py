@@ -25,6 +25,7 @@ from pathlib import Path
 VARIANTS = {
     "full-fp32": {"method": "full", "precision": "fp32"},
     "lora-fp32": {"method": "lora", "precision": "fp32"},
+    "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
     "lora-bf16": {"method": "lora", "precision": "bf16"},  # only pays on CPUs with native bf16 (AVX512-BF16, AMX)
 }
 SETUP = {"batch_size": 8, "minibatch_size": 8, "microbatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "learning_rate": 1e-5, "temperature": 0.7}
@@ -37,7 +38,7 @@ def run_one(variant: str, steps: int, run_dir: Path) -> dict:
     cfg = rlhf.RlhfConfig(
         data=rlhf.RlhfData(prompts="configs/data/demo_prompts.jsonl"),
         steps=steps, save_steps=10_000, sample_steps=10_000, num_samples=1, eval_batch_size=32,
-        **SETUP, **VARIANTS[variant],
+        **{**SETUP, **VARIANTS[variant]},
     )
     with tempfile.TemporaryDirectory() as out:
         ppo_loop.train(cfg, run_dir / "sft", run_dir / "rm", Path(out), seed=0)

@@ -267,7 +267,8 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     eval_after = ppo_output.evaluate_policy(accelerator, model, reward_model, tokenizer, held, cfg, stats, keep_text=cfg.num_samples)
     accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
     ppo_output.save_final(accelerator, model, tokenizer, out_dir, eval_before, eval_after)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group the runner still uses
+        tracker.finish()
     last = history[-1] if history else {}
     return {
         "method": cfg.method,

@@ -197,3 +197,29 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
     straight_rows = history(tmp_path / "runs" / "straight" / "rlhf")
     assert [r["objective/scores"] for r in history(run / "rlhf")] == pytest.approx([r["objective/scores"] for r in straight_rows], abs=1e-6)
+
+
+def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24])
+    section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 3, "batch_size": 4, "minibatch_size": 2,
+               "microbatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 5, "normalize_scores": False, "save_steps": 2}
+    config_path = tiny_config(tmp_path, tiny_model_dir, train, sft={"max_steps": 2}, rlhf=section)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "run", "rlhf", "--config", str(config_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = tmp_path / "runs" / "tiny" / "rlhf"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert manifest["metrics"]["episodes"] == 3 * 4 * 2, "each step rolls out batch_size prompts on each process"
+    assert [r["episode"] for r in history(folder)] == [8, 16, 24]
+    AutoModelForCausalLM.from_pretrained(folder)
