@@ -65,9 +65,11 @@ def prompt_batch(n_prompts: int, step: int, global_batch: int, rank: int, per_ra
 # ---------------------------------------------------------------- models
 
 
-def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer):
+def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer, reward_std: float = 1.0):
     """(PolicyAndValue, reference or None, reward model). Dropout is off everywhere:
-    with it, the update's log-probs would differ from the rollout's for no reason."""
+    with it, the update's log-probs would differ from the rollout's for no reason.
+    The value head starts as the RM's head divided by the RM's std, so its first
+    predictions are on the scale of the standardised scores it must learn."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     def frozen(model):
@@ -80,6 +82,8 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer):
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir))
     if cfg.method == "full":
         value = AutoModelForSequenceClassification.from_pretrained(rm_dir, **_no_dropout(rm_dir))  # InstructGPT: V starts as the RM
+        with torch.no_grad():
+            value.score.weight.div_(reward_std)
         reference = frozen(AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir)))
         model = rollout.PolicyAndValue(policy, value_model=value)
     else:
@@ -91,6 +95,8 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer):
         peft_model.add_adapter("value", lora)
         head = torch.nn.Linear(reward_model.score.in_features, 1, bias=reward_model.score.bias is not None)
         head.load_state_dict(reward_model.score.state_dict())  # the value head starts as the RM's head
+        with torch.no_grad():
+            head.weight.div_(reward_std)
         model, reference = rollout.PolicyAndValue(peft_model, value_head=head), None
     model.eval()
     model.use("policy")
@@ -189,7 +195,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     ptx = _ptx_stream(cfg, tokenizer, accelerator.device, seed) if cfg.ptx_coef > 0 else None
 
     set_seed(seed, device_specific=True)  # each process samples its own responses
-    model, reference, reward_model = load_models(cfg, policy_dir, rm_dir, tokenizer)
+    model, reference, reward_model = load_models(cfg, policy_dir, rm_dir, tokenizer, stats[1] if stats else 1.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
     schedule = (lambda step: 1.0 - step / cfg.steps) if cfg.lr_scheduler == "linear" else (lambda step: 1.0)

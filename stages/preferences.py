@@ -150,7 +150,7 @@ def split_dialogues(where: str, chosen, rejected) -> tuple[list[dict], str, str]
         if messages[-1]["role"] != "assistant":
             raise ConfigError(f"{where}: '{key}' must end with an assistant turn")
     if a[:-1] != b[:-1]:
-        raise ConfigError(f"{where}: 'chosen' and 'rejected' differ before their last assistant turn, so they answer different prompts")
+        raise BadRow(where, "prompt_mismatch", "'chosen' and 'rejected' differ before their last assistant turn, so they answer different prompts")
     if not a[:-1]:
         raise ConfigError(f"{where}: the dialogues have no prompt before the last assistant turn")
     for key, messages in (("chosen", a), ("rejected", b)):

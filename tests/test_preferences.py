@@ -58,6 +58,7 @@ def test_hh_rlhf_dialogues_split_at_the_last_assistant_turn():
     ({"prompt": "Q", "completions": ["a", "b"], "scores": [2, 2]}, "no_pairs", "f:4: every score is tied"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty_text", "f:4: 'prompt' is empty"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: go"}, "empty_text", "f:4: the last assistant turn of 'chosen' is empty"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, "prompt_mismatch", "f:4: 'chosen' and 'rejected' differ before their last assistant turn"),
 ])
 def test_bad_rows_name_their_line_and_reason(row, reason, message):
     with pytest.raises(BadRow) as error:
@@ -68,7 +69,6 @@ def test_bad_rows_name_their_line_and_reason(row, reason, message):
 
 @pytest.mark.parametrize(("row", "message"), [
     ({"prompt": "Q", "answer": "a"}, "f:5: expected 'prompt' with 'completions' (best first) or 'chosen'/'rejected'; found keys: answer, prompt"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, "f:5: 'chosen' and 'rejected' differ before their last assistant turn"),
     ({"chosen": "just text", "rejected": "more text"}, "f:5: 'chosen' is not a dialogue"),
     ({"prompt": "Q", "completions": "a, b"}, "f:5: 'completions' must be a list, got str"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b", "margin": "big"}, "f:5: 'margin' must be a number"),

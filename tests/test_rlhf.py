@@ -223,3 +223,17 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
     assert manifest["metrics"]["episodes"] == 3 * 4 * 2, "each step rolls out batch_size prompts on each process"
     assert [r["episode"] for r in history(folder)] == [8, 16, 24]
     AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_value_model_starts_as_the_reward_model_on_the_standardised_scale(policy_dir, planted_rm, prompts, method):
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, _, reward_model = ppo_loop.load_models(config(prompts, method=method), policy_dir, planted_rm, tokenizer, reward_std=4.0)
+    assert torch.equal(model.value_head.weight, reward_model.score.weight / 4.0)
+    if method == "full":
+        ids = torch.tensor([[5, 17, 42, 99, 3]])
+        with torch.no_grad():
+            values = model(ids, torch.ones_like(ids), 2, 1.0)[1]
+            scores = reward_model(input_ids=ids[:, :-1]).logits.squeeze(-1)
+        # the value of the state before the last token is read where the RM would score that prefix
+        assert values[0, -1].item() == pytest.approx(scores[0].item() / 4.0, abs=1e-5)
