@@ -105,6 +105,13 @@ def _read_hub(source: str, key: str) -> list[tuple[str, dict]]:
     return [(f"{source} row {i + 1}", row) for i, row in enumerate(table)]
 
 
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt up to the assistant's turn, exactly what the policy
+    continues from; the reward model and PPO both build on these."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def split_rows(rows: list, eval_rows: list | None, eval_fraction: float, seed: int, key: str) -> tuple[list, list]:
     """Train and held-out rows: the given eval set, or a fixed-seed random slice of train."""
     if eval_rows is not None:

@@ -14,7 +14,7 @@ import json
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -137,7 +137,7 @@ def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages
                 index = minibatch[micro * cfg.microbatch_size : (micro + 1) * cfg.microbatch_size]
                 mb = batch.select(index)
                 sync = micro == n_micro - 1
-                with (torch.enable_grad(), accelerator.no_sync(model) if not sync else _nothing()):
+                with (torch.enable_grad(), accelerator.no_sync(model) if not sync else nullcontext()):
                     ptx_batch = next(ptx) if ptx is not None else None
                     logprobs, values, entropy, ptx_loss = model(mb.input_ids(), mb.attention_mask(), context_len, cfg.temperature, ptx_batch)
                     pg_loss, pg_stats = ppo.policy_loss(logprobs, mb.logprobs, advantages[index], mb.response_mask, cfg.clip_range)
@@ -157,11 +157,6 @@ def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {key: value / count for key, value in totals.items()}
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 # ---------------------------------------------------------------- the run
@@ -222,7 +217,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     eval_before = ppo_output.before_training(accelerator, model, reward_model, tokenizer, held, cfg, stats, out_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("rlhf", config={"seed": seed})
-    encoded = [rlhf.encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [data.encode_prompt(tokenizer, p) for p in prompts]
     per_rank, world = cfg.batch_size, accelerator.num_processes
     bar = training.progress_bar(cfg.steps, progress.step, "rlhf", accelerator.is_main_process)
     steps_this_attempt = 0
@@ -353,7 +348,7 @@ def _ptx_stream(cfg, tokenizer, device, seed):
     rng = random.Random(f"ptx:{seed}")
     examples = []
     for row in rows:
-        prompt = rlhf.encode_prompt(tokenizer, row["prompt"])
+        prompt = data.encode_prompt(tokenizer, row["prompt"])
         response = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + response)[: cfg.max_prompt_length + cfg.max_new_tokens]
         examples.append((ids, [-100] * len(prompt) + response))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint as ckpt
-from stages import ppo, rlhf, rollout
+from stages import data, ppo, rollout
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, s
     with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine:
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[start : start + cfg.eval_batch_size]
-            queries, query_mask = rollout.left_pad([rlhf.encode_prompt(tokenizer, p) for _, p in chunk], tokenizer.pad_token_id, accelerator.device)
+            queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for _, p in chunk], tokenizer.pad_token_id, accelerator.device)
             raw = rollout.sample(model.policy, queries, query_mask, greedy)
             responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
             input_ids = torch.cat([queries, responses], 1)

@@ -136,16 +136,11 @@ def read_prompts(source: str, key: str, max_length: int | None = None, tokenizer
         if not messages:
             raise ConfigError(f"{where}: the prompt has no turns")
         if tokenizer is not None:
-            n = len(encode_prompt(tokenizer, messages))
+            n = len(data.encode_prompt(tokenizer, messages))
             if n > max_length:
                 raise ConfigError(f"{where}: the prompt is {n} tokens, over rlhf.max_prompt_length={max_length}")
         prompts.append(messages)
     return prompts
-
-
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def check(cfg: RlhfConfig) -> None:

@@ -120,8 +120,7 @@ def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: flo
     """Token ids of each completion as the policy would produce it: the templated
     prompt, the completion's own tokens, EOS. Raises BadRow if the prompt alone
     leaves no room for a completion."""
-    text = tokenizer.apply_chat_template(ranking.prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = data.encode_prompt(tokenizer, ranking.prompt)
     room = max_length - len(prompt_ids) - 1
     if room < 1:
         raise preferences.BadRow(ranking.where, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion in max_length={max_length}")
