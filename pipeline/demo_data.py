@@ -2,7 +2,9 @@
 
 The demo task is a tiny "helpful, correct, concise and friendly assistant": short
 questions whose answers a program can check (arithmetic, opposites, letter counts,
-...). Every template and word list below was written for this project, so the
+...). The responses teach the format without being the best a rater could ask for:
+some open warmly ("Sure!"), about a quarter end with a friendly closing line, few do
+both, which is the room PPO has to improve on (see `pipeline.demo_judge`). Every template and word list below was written for this project, so the
 shipped `configs/data/demo_sft.jsonl` carries no third-party text, and it can be
 rebuilt byte for byte with:
 
@@ -107,6 +109,11 @@ COLOUR_MIXES = (
     ("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blue", "purple"),
     ("red", "white", "pink"), ("black", "white", "grey"),
 )
+
+# Friendly closing lines. A share of the SFT responses get one, so the SFT model
+# knows how to write them but does not always do it.
+CLOSERS = ("Hope that helps!", "Happy to help!", "Have a lovely day!", "Just ask if you need more!")
+CLOSER_RATE = 0.25
 
 NUMBERS = range(2, 100)  # operands for the arithmetic family
 SORT_POOL = range(1, 31)  # values to sort; drawn without repeats
@@ -412,6 +419,8 @@ def generate(n: int, seed: int = DEFAULT_SEED) -> list[dict]:
             if prompt not in seen:
                 break
         seen.add(prompt)
+        if rng.random() < CLOSER_RATE:
+            response = f"{response} {rng.choice(CLOSERS)}"
         rows.append({"prompt": prompt, "response": response, "task": name})
         made[name] += 1
         if made[name] == capacity:

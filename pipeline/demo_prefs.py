@@ -1,22 +1,22 @@
-"""Generator for the embedded demo reward-model rankings and RL prompt set.
+"""The demo task's prompt sets and its rankings, made as InstructGPT made them.
 
-It reuses the task families of `pipeline.demo_data` (same prompts, same friendly
-answers) and adds, per prompt, worse completions in a fixed order of preference:
+Prompts: one random stream, outside the shipped demo_sft prompts, is cut into three
+disjoint sets, so SFT, reward modelling, PPO and evaluation never share a prompt:
 
-    good            correct, friendly and concise: a demo_sft-style answer
-    curt_or_padded  correct, but a bare answer or buried in rambling filler
-    wrong           the friendly answer with a plausibly wrong value swapped in
-    unhelpful       a refusal or an off-topic remark
+    rank    prompts whose sampled completions get ranked (the reward model's data)
+    rl      PPO rollout prompts            configs/data/demo_prompts.jsonl
+    eval    held-out evaluation prompts    configs/data/demo_eval.jsonl
 
-A row with K < 4 keeps an order-preserving subset of these kinds whose best is a
-correct answer, so completions[0] is always right. Prompts come from random streams
-of their own and never repeat a shipped demo_sft prompt (so rebuild these files
-whenever demo_sft changes). All text was written for this project. Both shipped
-files rebuild byte for byte with:
+Rankings: `pipeline.demo_rankings` samples K completions per rank prompt from the
+SFT model and `rank` below orders them with the gold judge (`pipeline.demo_judge`)
+plus rater noise, writing configs/data/demo_rm.jsonl. The solvers here recover each
+prompt's answer from its text, for the judge.
 
-    python -m pipeline.demo_prefs --rm-out configs/data/demo_rm.jsonl --prompts-out configs/data/demo_prompts.jsonl --seed 0
+The two prompt files rebuild byte for byte with
 
-Standard library only, like demo_data.
+    python -m pipeline.demo_prefs --seed 0
+
+(rebuild them whenever demo_sft changes). Standard library only, like demo_data.
 """
 
 from __future__ import annotations
@@ -27,56 +27,15 @@ import json
 import random
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pipeline import demo_data as dd
 
 DEFAULT_SEED = 0
-DEFAULT_RM_PATH = "configs/data/demo_rm.jsonl"
 DEFAULT_PROMPTS_PATH = "configs/data/demo_prompts.jsonl"
-RM_ROWS = 600
-PROMPT_ROWS = 256
-
-KINDS = ("good", "curt_or_padded", "wrong", "unhelpful")  # best first
-# Cycled over the (already shuffled) rows: exactly 40% K=4, 30% K=3, 30% K=2, so
-# every K has enough rows for a per-K accuracy to mean something.
-K_CYCLE = (4, 4, 4, 4, 3, 3, 3, 2, 2, 2)
-
-UNHELPFUL = (
-    "Sorry, I can't help with that.",
-    "I'd rather not answer that one.",
-    "That is not something I can talk about, I'm afraid.",
-    "Why do you want to know?",
-    "I don't know. Maybe ask someone else?",
-    "Let's talk about something else instead. Do you like trains?",
-    "Good question! Anyway, I had soup for lunch today.",
-    "Hmm, I will get back to you on that one later.",
-    "You should be able to work that out on your own.",
-    "Did you know that snails can sleep for a very long time?",
-)
-
-# Filler for the padded variant. No digits and no double quotes, so the answer is
-# the only number or quoted text in it (the tests rely on that).
-_OPENERS = (
-    "Well, that is a really interesting question, and I have to say that I have thought about questions like this one many times before.",
-    "Okay, so, let me take a moment here, because there is honestly quite a lot that could be said about something like this.",
-    "Hmm, right, before I get to it I should mention that this kind of thing comes up surprisingly often, in all sorts of situations.",
-)
-_MIDDLES = (
-    "People sometimes rush these things, but it is usually better to go slowly and think about every little step along the way.",
-    "There are a few different ways of looking at it, and each of them has its own small advantages and disadvantages.",
-    "It reminds me of how much there is to learn about even the simplest things, which is something I find quite fascinating.",
-)
-_LEADS = (
-    "Anyway, after all of that, the answer is {a}.",
-    "So, putting it all together, I would say it is {a}.",
-    "In the end, it comes out as {a}.",
-)
-_CLOSERS = (
-    "I hope that long explanation was useful, and do let me know if you would like me to go over any of it again!",
-    "Of course, there is always more that could be said, but I think that covers the main points for now.",
-)
+DEFAULT_EVAL_PATH = "configs/data/demo_eval.jsonl"
+SPLITS = {"rank": 400, "rl": 256, "eval": 64}  # sizes, in drawing order
 
 # ---------------------------------------------------------------------------
 # Solvers: recover the answer from the prompt text by inverting demo_data's own
@@ -194,34 +153,8 @@ SOLVERS = {
 assert tuple(SOLVERS) == dd.TASKS, "every demo family needs a solver"
 
 
-def _swap_answer(response: str, answer: str, wrong: str) -> str:
-    # Whole tokens only ("5" is not inside "15"); and every demo response template
-    # puts the answer last when it appears twice ("10 - 5 = 5", "One sheep, two
-    # sheep"), so the last occurrence is the answer.
-    hits = list(re.finditer(rf"(?<!\w){re.escape(answer)}(?!\w)", response))
-    if not hits:
-        raise ValueError(f"answer {answer!r} not found in {response!r}")
-    last = hits[-1]
-    return response[:last.start()] + wrong + response[last.end():]
-
-
-def _padded(short: str, rng: random.Random) -> str:
-    return " ".join((rng.choice(_OPENERS), rng.choice(_MIDDLES), rng.choice(_LEADS).format(a=short), rng.choice(_CLOSERS)))
-
-
-def completions_by_kind(task: str, prompt: str, response: str, rng: random.Random) -> dict[str, str]:
-    """All four kinds for one prompt; `response` is demo_data's friendly answer."""
-    answer, short, wrongs = SOLVERS[task](prompt)
-    return {
-        "good": response,
-        "curt_or_padded": f"{short}." if rng.random() < 0.5 else _padded(short, rng),
-        "wrong": _swap_answer(response, answer, rng.choice(wrongs)),
-        "unhelpful": rng.choice(UNHELPFUL),
-    }
-
-
 # ---------------------------------------------------------------------------
-# Prompt drawing and the two files.
+# Prompt sets and rankings.
 # ---------------------------------------------------------------------------
 
 
@@ -263,37 +196,36 @@ def _draw(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
     return out
 
 
-def _pick_kinds(k: int, rng: random.Random) -> list[str]:
-    # Any order-preserving subset whose best is a correct answer, so the first
-    # completion of every row is a usable "chosen" one.
-    while True:
-        picked = sorted(rng.sample(range(len(KINDS)), k))
-        if KINDS[picked[0]] in ("good", "curt_or_padded"):
-            return [KINDS[j] for j in picked]
-
-
-def generate_rm(n: int = RM_ROWS, seed: int = DEFAULT_SEED, with_kinds: bool = False) -> list[dict]:
-    """Rows {"prompt", "completions": [best, ..., worst], "task"}; `with_kinds` adds
-    "kinds" naming each completion's kind (for tests and analysis, not the file)."""
-    rng = random.Random(f"demo_prefs/rm/{seed}")  # a stream of its own, unlike demo_sft's Random(seed)
-    rows = []
-    for i, (task, prompt, response) in enumerate(_draw(n, rng)):
-        by_kind = completions_by_kind(task, prompt, response, rng)
-        kinds = _pick_kinds(K_CYCLE[i % len(K_CYCLE)], rng)
-        completions = [by_kind[k] for k in kinds]
-        if len(set(completions)) != len(completions):
-            raise AssertionError(f"duplicate completions for {prompt!r}: {completions}")
-        row = {"prompt": prompt, "completions": completions, "task": task}
-        if with_kinds:
-            row["kinds"] = kinds
-        rows.append(row)
-    return rows
-
-
-def generate_prompts(n: int = PROMPT_ROWS, seed: int = DEFAULT_SEED) -> list[dict]:
-    """Rows {"prompt", "task"}: distinct prompts for RL rollouts."""
+def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS) -> dict[str, list[dict]]:
+    """Disjoint prompt sets {"rank", "rl", "eval"} of rows {"prompt", "task"}."""
     rng = random.Random(f"demo_prefs/prompts/{seed}")
-    return [{"prompt": prompt, "task": task} for task, prompt, _ in _draw(n, rng)]
+    drawn = _draw(sum(sizes.values()), rng)
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = [{"prompt": prompt, "task": task} for task, prompt, _ in drawn[start : start + n]]
+        start += n
+    return out
+
+
+def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float], noise: float, rng: random.Random) -> tuple[list[str], dict]:
+    """Order distinct samples best first, as a rater who follows `judge` with some noise.
+
+    Samples the judge scores equally are one level: the rater has no preference
+    among them, so one of them (at random) stands for the level. Each level's score
+    gets Gaussian noise of std `noise` before sorting, so close calls flip now and
+    then, as between human labellers. Returns (completions best first, counts); fewer
+    than two levels means nothing to rank and an empty list.
+    """
+    by_level: dict[float, list[str]] = {}
+    for text in dict.fromkeys(s.strip() for s in samples):  # distinct, in order
+        if text:
+            by_level.setdefault(judge(prompt, text), []).append(text)
+    picked = [(gold + rng.gauss(0.0, noise), gold, rng.choice(texts)) for gold, texts in sorted(by_level.items())]
+    picked.sort(key=lambda t: -t[0])
+    golds = [g for _, g, _ in picked]
+    flips = sum(golds[i] < golds[j] for i in range(len(golds)) for j in range(i + 1, len(golds)))
+    pairs = len(golds) * (len(golds) - 1) // 2
+    return ([t for _, _, t in picked] if len(picked) >= 2 else []), {"pairs": pairs, "flipped": flips}
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
@@ -306,15 +238,15 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the demo reward-model rankings and RL prompts as JSONL.")
-    parser.add_argument("--rm-out", default=DEFAULT_RM_PATH, help=f"rankings file (default {DEFAULT_RM_PATH})")
-    parser.add_argument("--prompts-out", default=DEFAULT_PROMPTS_PATH, help=f"prompts file (default {DEFAULT_PROMPTS_PATH})")
+    parser = argparse.ArgumentParser(description="Write the demo RL and evaluation prompt sets as JSONL.")
+    parser.add_argument("--prompts-out", default=DEFAULT_PROMPTS_PATH, help=f"RL prompts (default {DEFAULT_PROMPTS_PATH})")
+    parser.add_argument("--eval-out", default=DEFAULT_EVAL_PATH, help=f"held-out prompts (default {DEFAULT_EVAL_PATH})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     args = parser.parse_args(argv)
-    rm_rows, prompt_rows = generate_rm(RM_ROWS, args.seed), generate_prompts(PROMPT_ROWS, args.seed)
-    write_jsonl(rm_rows, args.rm_out)
-    write_jsonl(prompt_rows, args.prompts_out)
-    print(f"wrote {len(rm_rows)} rankings to {args.rm_out} and {len(prompt_rows)} prompts to {args.prompts_out}")
+    sets = split_prompts(args.seed)
+    write_jsonl(sets["rl"], args.prompts_out)
+    write_jsonl(sets["eval"], args.eval_out)
+    print(f"wrote {len(sets['rl'])} prompts to {args.prompts_out} and {len(sets['eval'])} to {args.eval_out}")
 
 
 if __name__ == "__main__":
