@@ -1,9 +1,12 @@
 # rlhf-pipeline. Every target first builds .venv (once), then runs.
 #
-#   make pipeline                     the whole pipeline on configs/default.yaml
+#   make pipeline                     the whole pipeline on configs/default.yaml, ending with its report
 #   make base | sft | rm | rlhf       run up to that stage, reusing up-to-date checkpoints
+#   make eval                         the report (runs/<name>/report.md), building what it needs
+#   make generate [STAGE=sft] [PROMPT="..."]   answer PROMPT, or chat, with a checkpoint
 #   make status                       each stage's state, metrics and folder
 #   make bench                        PPO speed and memory on SmolLM2, as JSON
+#   make e2e                          the real default end to end; fails unless RLHF beats SFT on the gold judge
 #   make test                         the test suite
 #
 # Variables: CONFIG=path.yaml  SET="sft.learning_rate=1e-5 sft.method=lora"  FORCE=1 (rerun the named stage)
@@ -21,10 +24,13 @@ INSTALLED := $(VENV)/.installed
 CONFIG_ARGS := --config $(CONFIG) $(if $(strip $(SET)),--set "$(SET)")
 RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help install pipeline base sft rm rlhf bench status config test clean-venv
+STAGE ?= rlhf
+PROMPT ?=
+
+.PHONY: help install pipeline base sft rm rlhf eval generate e2e bench status config test clean-venv
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
 
 install: $(INSTALLED)
 
@@ -40,8 +46,14 @@ $(INSTALLED): pyproject.toml
 pipeline: $(INSTALLED)
 	$(PY) -m pipeline run $(RUN_ARGS)
 
-base sft rm rlhf: $(INSTALLED)
+base sft rm rlhf eval: $(INSTALLED)
 	$(PY) -m pipeline run $@ $(RUN_ARGS)
+
+generate: $(INSTALLED)
+	$(PY) -m pipeline generate $(STAGE) $(CONFIG_ARGS) $(if $(strip $(PROMPT)),--prompt "$(PROMPT)")
+
+e2e: $(INSTALLED)
+	$(PY) -m pipeline.e2e --config $(CONFIG)
 
 # PPO speed and peak memory on SmolLM2 (JSON); builds the run's sft and rm first.
 bench: $(INSTALLED)

@@ -26,6 +26,7 @@ VARIANTS = {
     "full-fp32": {"method": "full", "precision": "fp32"},
     "lora-fp32": {"method": "lora", "precision": "fp32"},
     "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
+    "lora-shared-micro4": {"method": "lora", "value_model": "shared", "precision": "fp32", "microbatch_size": 4},
     "lora-bf16": {"method": "lora", "precision": "bf16"},  # only pays on CPUs with native bf16 (AVX512-BF16, AMX)
 }
 SETUP = {"batch_size": 8, "minibatch_size": 8, "microbatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "learning_rate": 1e-5, "temperature": 0.7}
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/default", help="run folder holding sft/ and rm/")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--variants", default="full-fp32,lora-fp32", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="full-fp32,lora-fp32,lora-shared-micro4", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)

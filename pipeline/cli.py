@@ -3,6 +3,7 @@
     python -m pipeline run [STAGE] [--config FILE] [--set KEY=VALUE ...] [--force]
     python -m pipeline status [--config FILE] [--set KEY=VALUE ...]
     python -m pipeline config [--config FILE] [--set KEY=VALUE ...]
+    python -m pipeline generate [base|sft|rlhf|FOLDER] [--prompt TEXT] [--greedy | --temperature T --top-k K --top-p P]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun the named stage even if it is up to date")
     commands.add_parser("status", parents=[common], help="each stage's state, metrics and folder")
     commands.add_parser("config", parents=[common], help="print the resolved config as JSON")
+    from pipeline import generate
+
+    generate.add_arguments(commands.add_parser("generate", parents=[common], help="answer a prompt, or chat, with a checkpoint"))
     return top
 
 
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             resolved = {"run": configuration.as_dict(cfg.run), **{k: configuration.as_dict(v) for k, v in cfg.stages.items()}}
             print(json.dumps(resolved, indent=2))
             return 0
+        if args.command == "generate":
+            from pipeline import generate
+
+            return generate.main(args, cfg.run_dir)
         from pipeline.runner import Runner
 
         runner = Runner(cfg)

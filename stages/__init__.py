@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages import base, rlhf, rm, sft
+from stages import base, evaluation, rlhf, rm, sft
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline),
     Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline),
     Stage("rlhf", rlhf.RlhfConfig, ("sft", "rm"), rlhf.check, rlhf.run, rlhf.headline, input_settings=("init_from", "reward_model")),
+    # Not a model: the report comparing base, SFT and RLHF on held-out prompts.
+    Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -21,7 +21,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
-from stages import data, ppo, ppo_output, rlhf, rollout, training
+from stages import data, evaluation, ppo, ppo_output, rlhf, rollout, training
 
 
 class Progress:
@@ -69,7 +69,9 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer, reward_std: floa
     """(PolicyAndValue, reference or None, reward model). Dropout is off everywhere:
     with it, the update's log-probs would differ from the rollout's for no reason.
     The value head starts as the RM's head divided by the RM's std, so its first
-    predictions are on the scale of the standardised scores it must learn."""
+    predictions are on the scale of the standardised scores it must learn (exactly
+    so for a separate value model, which starts as the RM; a shared head reads the
+    policy's features instead)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     def frozen(model):
@@ -80,24 +82,31 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer, reward_std: floa
     if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
         raise ConfigError(f"{rm_dir}: not a one-label reward model (num_labels={reward_model.config.num_labels})")
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir))
-    if cfg.method == "full":
-        value = AutoModelForSequenceClassification.from_pretrained(rm_dir, **_no_dropout(rm_dir))  # InstructGPT: V starts as the RM
+    shared = cfg.value_model == "shared"
+    head = None
+    if shared or cfg.method == "lora":
+        head = torch.nn.Linear(reward_model.score.in_features, 1, bias=reward_model.score.bias is not None)
+        head.load_state_dict(reward_model.score.state_dict())  # the value head starts as the RM's head
         with torch.no_grad():
-            value.score.weight.div_(reward_std)
+            head.weight.div_(reward_std)
+    if cfg.method == "full":
         reference = frozen(AutoModelForCausalLM.from_pretrained(policy_dir, **_no_dropout(policy_dir)))
-        model = rollout.PolicyAndValue(policy, value_model=value)
+        if shared:
+            model = rollout.PolicyAndValue(policy, head=head, shared=True)
+        else:
+            value = AutoModelForSequenceClassification.from_pretrained(rm_dir, **_no_dropout(rm_dir))  # InstructGPT: V starts as the RM
+            with torch.no_grad():
+                value.score.weight.div_(reward_std)
+            model = rollout.PolicyAndValue(policy, value_model=value)
     else:
         from peft import get_peft_model
 
         lora = training.lora_config(cfg.lora, task_type="CAUSAL_LM")
         lora.lora_dropout = 0.0
         peft_model = get_peft_model(policy, lora, adapter_name="policy")
-        peft_model.add_adapter("value", lora)
-        head = torch.nn.Linear(reward_model.score.in_features, 1, bias=reward_model.score.bias is not None)
-        head.load_state_dict(reward_model.score.state_dict())  # the value head starts as the RM's head
-        with torch.no_grad():
-            head.weight.div_(reward_std)
-        model, reference = rollout.PolicyAndValue(peft_model, value_head=head), None
+        if not shared:
+            peft_model.add_adapter("value", lora)
+        model, reference = rollout.PolicyAndValue(peft_model, head=head, lora=True, shared=shared), None
     model.eval()
     model.use("policy")
     return model, reference, reward_model
@@ -151,7 +160,7 @@ def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages
                         raise ConfigError(f"rlhf: the loss became {loss.item()} (policy {pg_loss.item():.4g}, value {vf_loss.item():.4g}); lower learning_rate or check the reward model")
                     accelerator.backward(loss / n_micro)
                 for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+                    totals[key] = totals.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 count += 1
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -188,6 +197,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     if cfg.normalize_scores and stats is None:
         raise ConfigError(f"{rm_dir}: no reward_mean/reward_std in its manifest (not built by the rm stage); set rlhf.normalize_scores: false")
     ptx = _ptx_stream(cfg, tokenizer, accelerator.device, seed) if cfg.ptx_coef > 0 else None
+    judge = evaluation.load_judge(cfg.judge, "rlhf.judge")
 
     set_seed(seed, device_specific=True)  # each process samples its own responses
     model, reference, reward_model = load_models(cfg, policy_dir, rm_dir, tokenizer, stats[1] if stats else 1.0)
@@ -253,6 +263,8 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         progress.episodes += per_rank * world
         steps_this_attempt += 1
         row = _step_metrics(accelerator, progress, batch, scores, non_score, kl_per_episode, kl_coef, update_stats, scheduler, timer)
+        if judge is not None:
+            row["objective/gold_score"] = _gold_score(accelerator, judge, tokenizer, [prompts[i] for i in chosen], batch)
         history.append(row)
         if accelerator.is_main_process:
             with open(metrics_path, "a", encoding="utf-8") as f:
@@ -317,6 +329,15 @@ def _step_metrics(accelerator, progress, batch, scores, non_score, kl, kl_coef, 
     tokens = accelerator.reduce(mask.sum().float() + batch.query_mask.sum().float(), "sum").item()
     row["tokens_per_second"] = round(tokens / total, 1) if total else None
     return row
+
+
+def _gold_score(accelerator, judge, tokenizer, chat_prompts, batch) -> float | None:
+    """Mean judge score of this step's responses over all processes (None if it rates none)."""
+    lengths = ppo.sequence_lengths(batch.response_mask)
+    golds = [judge(p[-1]["content"], tokenizer.decode(batch.responses[r, : lengths[r]], skip_special_tokens=True).strip()) for r, p in enumerate(chat_prompts)]
+    golds = [g for g in golds if g is not None]
+    total = accelerator.reduce(torch.tensor([sum(golds), len(golds)], dtype=torch.float32, device=accelerator.device), "sum")
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 def _read_history(path: Path, step: int) -> list[dict]:

@@ -76,7 +76,10 @@ def save_final(accelerator, model, tokenizer, out_dir: Path, eval_before: dict, 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    if model.lora:  # merge each adapter into its own copy of the shared weights
+    if model.shared:  # value/ is the policy's backbone under the value head
+        policy = copy.deepcopy(model.policy).merge_and_unload() if model.lora else model.policy
+        value = _value_model_from(policy, model.value_head)
+    elif model.lora:  # merge each adapter into its own copy of the shared weights
         policy = copy.deepcopy(model.policy)
         policy.delete_adapter("value")
         policy = policy.merge_and_unload()

@@ -48,6 +48,11 @@ class RlhfConfig:
     method: Literal["full", "lora"] = "full"
     """lora: policy and value are adapters on one frozen copy of the SFT weights, which is also the reference."""
     lora: LoraSettings = LoraSettings()
+    value_model: Literal["separate", "shared"] = "separate"
+    """separate: the value is its own model (full) or adapter (lora), started from the
+    reward model as in InstructGPT. shared: a value head on the policy's last hidden
+    states, one forward and one backward fewer per step, at the cost of policy and
+    value sharing features."""
     steps: int = 100
     """PPO steps; each rolls out `batch_size` prompts per process and updates on them."""
     batch_size: int = 8
@@ -90,6 +95,10 @@ class RlhfConfig:
     """Steps between rollout samples written to samples.jsonl."""
     eval_batch_size: int = setting(16, fingerprint=False)
     num_samples: int = setting(4, fingerprint=False)
+    judge: str | None = setting(None, fingerprint=False)
+    """A gold judge (module:function, see the eval stage) whose mean score on each step's
+    rollouts is logged as objective/gold_score, to watch for reward over-optimisation.
+    Training never sees it."""
     report_to: tuple[str, ...] = setting(("none",), fingerprint=False)
     """Trackers accelerate logs to, besides metrics.jsonl: tensorboard, wandb, ..."""
 
@@ -144,9 +153,10 @@ def read_prompts(source: str, key: str, max_length: int | None = None, tokenizer
 
 
 def check(cfg: RlhfConfig) -> None:
-    from stages import training
+    from stages import evaluation, training
 
     training.check_loggers(cfg.report_to, "rlhf.report_to")
+    evaluation.load_judge(cfg.judge, "rlhf.judge")
     for key, folder in (("init_from", cfg.init_from), ("reward_model", cfg.reward_model)):
         if folder is not None and not (resolve_local(folder, hub_allowed=False) / "config.json").is_file():
             raise ConfigError(f"rlhf.{key}: {folder} is not a model folder (no config.json)")

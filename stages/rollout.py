@@ -82,53 +82,65 @@ def response_logits(policy: nn.Module, input_ids, attention_mask, context_len: i
 
 class PolicyAndValue(nn.Module):
     """Policy and value as one module, so one optimiser, one `accelerator.prepare` and
-    one backward serve both. Full mode holds two models. LoRA mode holds one peft
-    model with adapters "policy" and "value" on the shared frozen SFT weights; the
-    reference is that model with adapters disabled."""
+    one backward serve both. Three layouts:
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None):
+    separate, full   the policy, and a sequence-classification value model (two models)
+    separate, LoRA   one peft model with adapters "policy" and "value" on the shared
+                     frozen SFT weights, plus the value head; the reference is that
+                     model with adapters disabled
+    shared           a value head on the policy's own last hidden states: one forward
+                     gives log-probs and values, so each step runs one forward and one
+                     backward fewer (full or LoRA)
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, head: nn.Module | None = None, lora: bool = False, shared: bool = False):
         super().__init__()
+        assert (value_model is None) == (head is not None), "a value model or a value head, not both"
         self.policy = policy
-        # Full mode: a sequence-classification model (its `score` is the head).
-        # LoRA mode: no model, the value adapter lives in `policy`, plus its own head.
         self.value_model = value_model
-        self.lora_value_head = value_head
-
-    @property
-    def lora(self) -> bool:
-        return self.value_model is None
+        self.head = head
+        self.lora = lora
+        self.shared = shared
 
     @property
     def value_head(self) -> nn.Module:
-        return self.lora_value_head if self.lora else self.value_model.score
+        return self.head if self.value_model is None else self.value_model.score
 
     def use(self, adapter: str) -> None:
-        if self.lora:
+        if not self.lora:
+            return
+        if not self.shared:
             self.policy.base_model.set_adapter(adapter)
-            for name, p in self.policy.named_parameters():  # set_adapter freezes the other adapter
-                if "lora_" in name:
-                    p.requires_grad_(True)
+        for name, p in self.policy.named_parameters():  # set_adapter and disable_adapter freeze inactive adapters
+            if "lora_" in name:
+                p.requires_grad_(True)
 
     def reference_logits(self, input_ids, attention_mask, context_len: int) -> torch.Tensor:
         """LoRA mode: the shared weights with every adapter off, which is the SFT model
         because the SFT stage hands over a merged folder."""
         with self.policy.disable_adapter():
             logits = response_logits(self.policy, input_ids, attention_mask, context_len)
-        self.use("policy")  # leaving disable_adapter re-freezes the inactive adapter
+        self.use("policy")
         return logits
 
     def forward(self, input_ids, attention_mask, context_len: int, temperature: float, ptx=None):
         """(logprobs of each token under the policy, values, entropy), all (batch, response_len),
         and the PPO-ptx language-modelling loss on `ptx` = (input_ids, attention_mask, labels), or None."""
         self.use("policy")
-        logits = response_logits(self.policy, input_ids, attention_mask, context_len)
         tokens = input_ids[:, context_len:]
+        if self.shared:
+            hidden = backbone(self.policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+            hidden = hidden[:, context_len - 1 : -1]
+            logits = self.policy.get_output_embeddings()(hidden)
+            values = self.head(hidden).squeeze(-1).float()
+        else:
+            logits = response_logits(self.policy, input_ids, attention_mask, context_len)
+            self.use("value")
+            values = token_scores(self.policy if self.lora else self.value_model, self.value_head, input_ids, attention_mask, context_len)
+            self.use("policy")
         logprobs = ppo.logprobs_from_logits(logits, tokens, temperature)
         with torch.no_grad():
             entropy = ppo.entropy_from_logits(logits, temperature)
-        self.use("value")
-        values = token_scores(self.policy if self.lora else self.value_model, self.value_head, input_ids, attention_mask, context_len)
-        self.use("policy")
         ptx_loss = None
         if ptx is not None:
             ids, mask, labels = ptx

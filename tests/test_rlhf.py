@@ -99,10 +99,11 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(policy_dir, planted_rm, pro
     assert (tmp_path / "samples.md").read_text().count("**PPO**") == 2
 
 
-def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir, planted_rm, prompts, tmp_path):
+@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "shared")])
+def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir, planted_rm, prompts, tmp_path, method, value_model):
     # One epoch over one minibatch: the update's first forward sees the rollout's own
     # weights, so each ratio is exactly 1 unless padding, positions or temperature differ.
-    cfg = config(prompts, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=4, temperature=0.7, max_new_tokens=10)
+    cfg = config(prompts, method=method, value_model=value_model, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=4, temperature=0.7, max_new_tokens=10)
     ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=3)
     row = history(tmp_path)[0]
     assert row["policy/ratio_min"] == pytest.approx(1.0, abs=1e-5) and row["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
@@ -121,7 +122,7 @@ def test_lora_keeps_one_backbone_whose_reference_is_the_sft_model(policy_dir, pl
         assert torch.equal(model.reference_logits(ids, mask, 2), sft(ids).logits[:, 1:-1]), "adapters disabled is exactly the SFT model"
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all("lora_" in n or "value_head" in n for n in trainable) and frozen
+    assert all("lora_" in n or n.startswith("head.") for n in trainable) and frozen
     assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable), trainable
 
     metrics = ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
@@ -225,15 +226,33 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
     AutoModelForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_the_value_model_starts_as_the_reward_model_on_the_standardised_scale(policy_dir, planted_rm, prompts, method):
+@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("full", "shared"), ("lora", "shared")])
+def test_the_value_model_starts_as_the_reward_model_on_the_standardised_scale(policy_dir, planted_rm, prompts, method, value_model):
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    model, _, reward_model = ppo_loop.load_models(config(prompts, method=method), policy_dir, planted_rm, tokenizer, reward_std=4.0)
+    model, _, reward_model = ppo_loop.load_models(config(prompts, method=method, value_model=value_model), policy_dir, planted_rm, tokenizer, reward_std=4.0)
     assert torch.equal(model.value_head.weight, reward_model.score.weight / 4.0)
-    if method == "full":
+    if method == "full" and value_model == "separate":
         ids = torch.tensor([[5, 17, 42, 99, 3]])
         with torch.no_grad():
             values = model(ids, torch.ones_like(ids), 2, 1.0)[1]
             scores = reward_model(input_ids=ids[:, :-1]).logits.squeeze(-1)
         # the value of the state before the last token is read where the RM would score that prefix
         assert values[0, -1].item() == pytest.approx(scores[0].item() / 4.0, abs=1e-5)
+
+
+def test_a_shared_value_head_also_raises_the_planted_reward(policy_dir, planted_rm, prompts, tmp_path):
+    cfg = config(prompts, value_model="shared", steps=30, batch_size=16, minibatch_size=8, microbatch_size=8, ppo_epochs=4, learning_rate=1e-2,
+                 max_new_tokens=3, kl_coef=0.2)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, _, _ = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    assert model.value_model is None and model.shared, "no second model for the value"
+    metrics = ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    rows = history(tmp_path)
+    first = sum(r["objective/scores"] for r in rows[:5]) / 5
+    last = sum(r["objective/scores"] for r in rows[-5:]) / 5
+    assert last > first + 2.0, (first, last)
+    assert max(r["objective/kl"] for r in rows) < 12
+    assert metrics["eval_after"]["score"] > metrics["eval_before"]["score"]
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(value.model.embed_tokens.weight, policy.model.embed_tokens.weight), "value/ is the policy's backbone under the head"

@@ -1,0 +1,214 @@
+"""Evaluation stage: the base, SFT and RLHF policies answer the same held-out prompts
+with the same sampling settings, and the report says what changed.
+
+Per policy: mean reward-model score (normalised as PPO saw it), mean gold score when
+a judge is configured, win rates of RLHF over SFT by both, the KL from SFT (summed
+over response tokens, from each policy's own samples), response length and the
+fraction ending in EOS. Then plots of the PPO curves and `report.md`, written into
+this stage's folder and copied to `runs/<name>/report.md`.
+
+A judge is any function `judge(prompt: str, response: str) -> float | None`, named
+as `module:function`; None means it cannot rate that prompt. Without a judge the
+report leaves the gold columns out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError, SettingError, setting
+from stages import report
+
+POLICIES = ("base", "sft", "rlhf")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    prompts: str = setting("configs/data/demo_eval.jsonl", path="local")
+    """Held-out prompts (JSONL rows with "prompt" or "messages"), never trained on."""
+    judge: str | None = None
+    """A gold judge as module:function, e.g. pipeline.demo_judge:gold_score; null for none."""
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    """Sampling temperature for every policy; 0 is greedy."""
+    top_k: int = 0
+    top_p: float = 1.0
+    max_prompt_length: int = 256
+    batch_size: int = 16
+    num_samples: int = setting(4, fingerprint=False)
+    """Prompts shown side by side in the report."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise SettingError("max_new_tokens", "must be at least 1")
+        if self.temperature < 0:
+            raise SettingError("temperature", "must be >= 0 (0 is greedy)")
+        if self.batch_size < 1:
+            raise SettingError("batch_size", "must be at least 1")
+
+
+def load_judge(spec: str | None, key: str) -> Callable[[str, str], float | None] | None:
+    """The judge function named `module:function`, or a ConfigError naming `key`."""
+    if spec is None:
+        return None
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"{key}: expected module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {e}") from None
+    judge = getattr(module, name, None)
+    if not callable(judge):
+        raise ConfigError(f"{key}: {module_name!r} has no function {name!r}")
+    return judge
+
+
+def check(cfg: EvalConfig) -> None:
+    from stages import rlhf
+
+    rlhf.read_prompts(cfg.prompts, "eval.prompts")
+    load_judge(cfg.judge, "eval.judge")
+
+
+def headline(metrics: dict) -> str:
+    if not metrics:
+        return "-"
+    sft, rlhf = metrics["policies"]["sft"], metrics["policies"]["rlhf"]
+    line = f"RM score sft {sft['rm_score']:+.3f} -> rlhf {rlhf['rm_score']:+.3f}"
+    if sft.get("gold_score") is not None:
+        line += f", gold {sft['gold_score']:.3f} -> {rlhf['gold_score']:.3f} (win rate {metrics['win_rate_gold']:.2f})"
+    return line + f", KL {rlhf['kl_from_sft']:.2f}"
+
+
+def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from stages import rlhf
+
+    start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judge = load_judge(cfg.judge, "eval.judge")
+    tokenizer = AutoTokenizer.from_pretrained(inputs["sft"])
+    prompts = rlhf.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
+    texts = [p[-1]["content"] for p in prompts]
+    stats = rlhf.reward_stats(inputs["rm"])
+
+    def causal_lm(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    reward_model = AutoModelForSequenceClassification.from_pretrained(inputs["rm"], num_labels=1, dtype=torch.float32).eval()
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    reference = causal_lm(inputs["sft"])
+    samples: dict[str, list[dict]] = {}
+    for name in POLICIES:
+        policy = reference if name == "sft" else causal_lm(inputs[name])
+        torch.manual_seed(seed)  # every policy draws from the same random stream
+        samples[name] = sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg, stats)
+        for row, text in zip(samples[name], texts, strict=True):
+            row["gold"] = judge(text, row["response"]) if judge else None
+        print(f"[eval] {name}: {len(prompts)} responses sampled and scored")
+        if policy is not reference:
+            del policy
+
+    metrics = summarize(samples, has_judge=judge is not None)
+    metrics["prompts"] = len(prompts)
+    metrics["judge"] = cfg.judge
+    examples = [{"prompt": texts[i], **{name: samples[name][i] for name in POLICIES}} for i in range(min(cfg.num_samples, len(prompts)))]
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"prompt": text, **{name: samples[name][i] for name in POLICIES}}) + "\n")
+    history = _read_jsonl(inputs["rlhf"] / "metrics.jsonl")
+    plots = report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
+    metrics["eval_seconds"] = round(time.time() - start, 1)
+    stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
+    text = report.render(metrics, examples, stages, plots, cfg)
+    ckpt.write_text_atomic(out_dir / "report.md", text)
+    ckpt.write_json_atomic(out_dir / "report.json", {"metrics": metrics, "examples": examples})
+    # A copy at the top of the run, where people look first; its plot links point into eval/.
+    ckpt.write_text_atomic(out_dir.parent / "report.md", report.relink(text, "eval"))
+    print(report.terminal_summary(metrics))
+    return metrics
+
+
+def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: EvalConfig, stats) -> list[dict]:
+    """One sampled response per prompt, with its RM score, KL from the reference,
+    length and EOS flag, in prompt order."""
+    import torch
+
+    from stages import data, generation, ppo, rollout
+
+    sampling = generation.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    config = generation.generation_config(tokenizer, sampling)
+    # Log-probs at the sampling temperature, as PPO's KL penalty measures them.
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    rows = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        with torch.no_grad():
+            queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id, "cpu")
+            raw = rollout.sample(policy, queries, query_mask, config)
+            responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            input_ids = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([query_mask, mask.long()], 1)
+            context = queries.shape[1]
+            logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, input_ids, attention_mask, context), responses, temperature)
+            ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, input_ids, attention_mask, context), responses, temperature)
+            kl = ppo.per_token_kl(logprobs, ref_logprobs, mask).sum(1)
+            lengths = ppo.sequence_lengths(mask)
+            per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, context)
+            raw_scores = per_token[torch.arange(len(lengths)), lengths - 1]
+            scores = ppo.normalize_scores(raw_scores, stats, None) if stats else raw_scores
+        for r in range(len(chunk)):
+            rows.append({
+                "response": tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True).strip(),
+                "rm_score": round(scores[r].item(), 4),
+                "kl_from_sft": round(kl[r].item(), 4),
+                "length": int(lengths[r]),
+                "ended": bool(ended[r]),
+            })
+    return rows
+
+
+def summarize(samples: dict[str, list[dict]], has_judge: bool) -> dict:
+    """Means per policy and RLHF-vs-SFT win rates (a tie counts half)."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    policies = {}
+    for name, rows in samples.items():
+        policies[name] = {
+            "rm_score": mean(r["rm_score"] for r in rows),
+            "gold_score": mean(r["gold"] for r in rows) if has_judge else None,
+            "kl_from_sft": mean(r["kl_from_sft"] for r in rows),
+            "length": mean(r["length"] for r in rows),
+            "eos_fraction": mean(float(r["ended"]) for r in rows),
+        }
+
+    def win_rate(key):
+        pairs = [(a[key], b[key]) for a, b in zip(samples["rlhf"], samples["sft"], strict=True) if a[key] is not None and b[key] is not None]
+        if not pairs:
+            return None
+        return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+    return {"policies": policies, "win_rate_rm": win_rate("rm_score"), "win_rate_gold": win_rate("gold") if has_judge else None}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,104 @@
+"""The evaluation report: PPO curves as a PNG, a Markdown report and a terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CURVES = (  # (metrics.jsonl key, panel title)
+    ("objective/scores", "reward-model score (normalised)"),
+    ("objective/gold_score", "gold score (judge)"),
+    ("objective/kl", "KL from SFT (per episode)"),
+    ("response/length", "response length (tokens)"),
+)
+
+
+def plot_ppo_curves(history: list[dict], path: Path) -> list[str]:
+    """One PNG with a panel per curve that the history has; returns the file names written."""
+    if not history:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in CURVES if any(key in row for row in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        steps = [row["step"] for row in history if row.get(key) is not None]
+        values = [row[key] for row in history if row.get(key) is not None]
+        ax.plot(steps, values, marker="o", markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(metrics: dict) -> list[str]:
+    rows = ["| policy | RM score | gold score | KL from SFT | length (tokens) | ends with EOS |", "|---|---|---|---|---|---|"]
+    for name, m in metrics["policies"].items():
+        rows.append(
+            f"| {name} | {_fmt(m['rm_score'], '+.3f')} | {_fmt(m['gold_score'], '.3f')} | {_fmt(m['kl_from_sft'], '.3f')} "
+            f"| {_fmt(m['length'], '.1f')} | {_fmt(m['eos_fraction'], '.0%')} |"
+        )
+    return rows
+
+
+def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: list[str], cfg) -> str:
+    lines = ["# Evaluation report", ""]
+    lines += [
+        f"{metrics['prompts']} held-out prompts (`{cfg.prompts}`), one response each per policy, sampled with "
+        f"temperature {cfg.temperature}, top-k {cfg.top_k or 'off'}, top-p {cfg.top_p}, at most {cfg.max_new_tokens} new tokens, "
+        f"the same random stream for every policy. RM scores are normalised with the reward model's held-out mean and std, "
+        f"as PPO saw them. KL from SFT is the sum over response tokens of log pi(y) - log pi_sft(y), on each policy's own samples. "
+        + (f"Gold scores come from `{metrics['judge']}`, which the reward model never saw." if metrics["judge"] else "No gold judge is configured."),
+        "",
+        *table(metrics),
+        "",
+        f"Win rate of RLHF over SFT, same prompt (ties count half): by reward model {_fmt(metrics['win_rate_rm'], '.2f')}"
+        + (f", by gold judge {_fmt(metrics['win_rate_gold'], '.2f')}." if metrics["judge"] else "."),
+        "",
+    ]
+    if plots:
+        lines += ["## PPO curves", ""] + [f"![PPO curves]({p})" for p in plots] + [""]
+    lines += ["## Stages", "", "| stage | wall time | headline settings |", "|---|---|---|"]
+    for name, manifest in stages.items():
+        seconds = manifest.get("timings", {}).get("seconds")
+        lines.append(f"| {name} | {_fmt(seconds, '.0f')} s | {_settings(name, manifest.get('config', {}))} |")
+    lines.append(f"| eval | {metrics['eval_seconds']:.0f} s | {metrics['prompts']} prompts x 3 policies |")
+    lines += ["", "## Side by side", ""]
+    for i, ex in enumerate(examples, 1):
+        lines += [f"### {i}. {ex['prompt']}", ""]
+        for name in ("base", "sft", "rlhf"):
+            row = ex[name]
+            gold = "" if row.get("gold") is None else f", gold {row['gold']:.2f}"
+            lines += [f"**{name}** (RM {row['rm_score']:+.2f}{gold}):", "", "> " + (row["response"].replace("\n", " ") or "(empty)"), ""]
+    return "\n".join(lines)
+
+
+def _settings(name: str, config: dict) -> str:
+    keys = {
+        "base": ("model", "dtype"),
+        "sft": ("method", "max_steps", "batch_size", "learning_rate"),
+        "rm": ("method", "max_steps", "batch_size", "learning_rate"),
+        "rlhf": ("method", "steps", "batch_size", "ppo_epochs", "learning_rate", "kl_coef", "max_new_tokens", "temperature"),
+    }[name]
+    return ", ".join(f"{k} {config[k]}" for k in keys if k in config)
+
+
+def relink(text: str, folder: str) -> str:
+    """The report as seen from the run folder: image links point into `folder`."""
+    return text.replace("](ppo_curves.png)", f"]({folder}/ppo_curves.png)")
+
+
+def terminal_summary(metrics: dict) -> str:
+    lines = ["", "Evaluation (held-out prompts, sampled):", *table(metrics)]
+    lines.append(f"RLHF vs SFT win rate: RM {_fmt(metrics['win_rate_rm'], '.2f')}" + (f", gold {_fmt(metrics['win_rate_gold'], '.2f')}" if metrics["judge"] else ""))
+    return "\n".join(lines)
