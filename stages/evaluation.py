@@ -40,7 +40,7 @@ class EvalConfig:
     top_k: int = 0
     top_p: float = 1.0
     max_prompt_length: int = 256
-    batch_size: int = 16
+    batch_size: int = 64
     num_samples: int = setting(4, fingerprint=False)
     """Prompts shown side by side in the report."""
 

@@ -26,7 +26,12 @@ def plot_ppo_curves(history: list[dict], path: Path) -> list[str]:
     for ax, (key, title) in zip(axes[0], panels, strict=True):
         steps = [row["step"] for row in history if row.get(key) is not None]
         values = [row[key] for row in history if row.get(key) is not None]
-        ax.plot(steps, values, marker="o", markersize=3)
+        ax.plot(steps, values, marker="o", markersize=3, alpha=0.35, label="per step")
+        if len(values) >= 6:  # a PPO batch is small and noisy: show the trend too
+            k = 3
+            smooth = [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
+            ax.plot(steps, smooth, linewidth=2, label=f"mean of last {k}")
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("PPO step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -157,3 +157,13 @@ def test_default_config_wires_the_demo_judge():
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert config["eval"]["judge"] == config["rlhf"]["judge"] == JUDGE
     assert config["eval"]["prompts"] == "configs/data/demo_eval.jsonl"
+
+
+def test_eval_without_a_judge_reports_what_it_can(tiny_run):
+    path, run, _ = tiny_run
+    assert cli.main(["run", "eval", "--config", str(path), "--set", "eval.judge=null"]) == 0
+    metrics = json.loads((run / "eval" / "report.json").read_text())["metrics"]
+    assert metrics["judge"] is None and metrics["win_rate_gold"] is None
+    assert all(m["gold_score"] is None and m["rm_score"] is not None for m in metrics["policies"].values())
+    report = (run / "eval" / "report.md").read_text()
+    assert "No gold judge is configured." in report and "by gold judge" not in report
