@@ -150,13 +150,52 @@ class PolicyAndValue(nn.Module):
 
 @torch.no_grad()
 def sample(policy: nn.Module, queries, query_mask, generation_config) -> torch.Tensor:
-    """Responses (batch, max_new_tokens), padded with pad to full length."""
+    """Responses (batch, max_new_tokens), padded with pad after the EOS and to full length.
+
+    Greedy and plain temperature sampling (what PPO should use) go through the short loop
+    below; top-k, top-p and anything else go through `generate`."""
+    c = generation_config
+    if not (c.top_k or 0) and (c.top_p is None or c.top_p >= 1.0) and c.num_return_sequences in (None, 1):
+        temperature = (c.temperature or 1.0) if c.do_sample else 0.0
+        return _sample_plain(policy, queries, query_mask, temperature, c.max_new_tokens, c.eos_token_id, c.pad_token_id)
     out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
     responses = out[:, queries.shape[1] :]
     width = generation_config.max_new_tokens
     if responses.shape[1] < width:  # every row stopped early
         pad = torch.full((responses.shape[0], width - responses.shape[1]), generation_config.pad_token_id, dtype=responses.dtype, device=responses.device)
         responses = torch.cat([responses, pad], dim=1)
+    return responses
+
+
+def _sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Token by token with a KV cache; temperature 0 is greedy. The draw is by inverse
+    CDF (one uniform number per row), the same categorical distribution `generate`
+    samples with multinomial but without its vocabulary-sized exponential draw, which
+    costs about a tenth of the generation time on a CPU."""
+    from transformers import DynamicCache
+
+    batch = queries.shape[0]
+    mask = query_mask.clone()
+    positions = position_ids(mask)
+    step_input, cache = queries, DynamicCache()
+    responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=queries.dtype, device=queries.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=queries.device)
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=queries.device)
+    for t in range(max_new_tokens):
+        logits = policy(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if temperature > 0:
+            cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+            u = torch.rand(batch, 1, device=cdf.device) * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+        else:
+            token = logits.argmax(-1)
+        responses[:, t] = torch.where(done, torch.full_like(token, pad_token_id), token)
+        done |= torch.isin(token, eos)
+        if done.all():
+            break
+        step_input = token.unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+        positions = positions[:, -1:] + 1
     return responses
 
 
