@@ -143,7 +143,7 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
     length and EOS flag, in prompt order."""
     import torch
 
-    from stages import data, generation, ppo, rollout
+    from stages import generation, ppo, rollout
 
     sampling = generation.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     config = generation.generation_config(tokenizer, sampling)
@@ -153,16 +153,13 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         with torch.no_grad():
-            queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id, "cpu")
-            raw = rollout.sample(policy, queries, query_mask, config)
-            responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, "cpu")
             input_ids = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, mask.long()], 1)
             context = queries.shape[1]
             logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, input_ids, attention_mask, context), responses, temperature)
             ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, input_ids, attention_mask, context), responses, temperature)
             kl = ppo.per_token_kl(logprobs, ref_logprobs, mask).sum(1)
-            lengths = ppo.sequence_lengths(mask)
             per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, context)
             raw_scores = per_token[torch.arange(len(lengths)), lengths - 1]
             scores = ppo.normalize_scores(raw_scores, stats, None) if stats else raw_scores

@@ -53,6 +53,16 @@ def generation_config(tokenizer, sampling: Sampling, num_return_sequences: int =
 
 
 @torch.no_grad()
+def sample_batch(model, tokenizer, prompts: list[list[dict]], config, device):
+    """One batch of chat prompts through the rollout's path: (queries, query_mask,
+    responses cut after the first EOS, response_mask, ended, lengths)."""
+    queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
+    raw = rollout.sample(model, queries, query_mask, config)
+    responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return queries, query_mask, responses, mask, ended, ppo.sequence_lengths(mask)
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], sampling: Sampling, batch_size: int = 16, num_return_sequences: int = 1, progress=None) -> list[list[Response]]:
     """For each chat prompt (a message list), num_return_sequences responses."""
     config = generation_config(tokenizer, sampling, num_return_sequences)
@@ -60,10 +70,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], sampling: Sampling, ba
     out: list[list[Response]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id, device)
-        raw = rollout.sample(model, queries, query_mask, config)
-        responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        lengths = ppo.sequence_lengths(mask).tolist()
+        _, _, responses, _, ended, lengths = sample_batch(model, tokenizer, chunk, config, device)
+        lengths = lengths.tolist()
         rows = [
             Response(tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True).strip(), responses[r, : lengths[r]].tolist(), bool(ended[r]))
             for r in range(len(lengths))

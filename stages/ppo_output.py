@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint as ckpt
-from stages import data, ppo, rollout
+from stages import generation, ppo, rollout
 
 
 @torch.no_grad()
@@ -26,13 +26,10 @@ def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, s
     with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine:
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[start : start + cfg.eval_batch_size]
-            queries, query_mask = rollout.left_pad([data.encode_prompt(tokenizer, p) for _, p in chunk], tokenizer.pad_token_id, accelerator.device)
-            raw = rollout.sample(model.policy, queries, query_mask, greedy)
-            responses, mask, ended = ppo.truncate_after_eos(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(model.policy, tokenizer, [p for _, p in chunk], greedy, accelerator.device)
             input_ids = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, mask.long()], 1)
             per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, queries.shape[1])
-            lengths = ppo.sequence_lengths(mask)
             scores = ppo.normalize_scores(per_token[torch.arange(len(lengths)), lengths - 1], stats, cfg.score_clip)
             for r, (index, _) in enumerate(chunk):
                 text = tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True)
