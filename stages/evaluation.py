@@ -101,10 +101,12 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     texts = [p[-1]["content"] for p in prompts]
     stats = rlhf.reward_stats(inputs["rm"])
 
-    def causal_lm(folder):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    reward_model = AutoModelForSequenceClassification.from_pretrained(inputs["rm"], num_labels=1, dtype=torch.float32).eval()
+    def causal_lm(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+    reward_model = AutoModelForSequenceClassification.from_pretrained(inputs["rm"], num_labels=1, dtype=torch.float32).to(device).eval()
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     reference = causal_lm(inputs["sft"])
     samples: dict[str, list[dict]] = {}
@@ -153,7 +155,7 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         with torch.no_grad():
-            queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, "cpu")
+            queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, next(policy.parameters()).device)
             input_ids = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, mask.long()], 1)
             context = queries.shape[1]
@@ -161,7 +163,7 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
             ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, input_ids, attention_mask, context), responses, temperature)
             kl = ppo.per_token_kl(logprobs, ref_logprobs, mask).sum(1)
             per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, context)
-            raw_scores = per_token[torch.arange(len(lengths)), lengths - 1]
+            raw_scores = per_token[torch.arange(len(lengths), device=lengths.device), lengths - 1]
             scores = ppo.normalize_scores(raw_scores, stats, None) if stats else raw_scores
         for r in range(len(chunk)):
             rows.append({
