@@ -156,14 +156,11 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
         chunk = prompts[start : start + cfg.batch_size]
         with torch.no_grad():
             queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, next(policy.parameters()).device)
-            input_ids = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([query_mask, mask.long()], 1)
-            context = queries.shape[1]
-            logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, input_ids, attention_mask, context), responses, temperature)
-            ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, input_ids, attention_mask, context), responses, temperature)
-            kl = ppo.per_token_kl(logprobs, ref_logprobs, mask).sum(1)
-            per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, context)
-            raw_scores = per_token[torch.arange(len(lengths), device=lengths.device), lengths - 1]
+            packed = rollout.pack(queries, query_mask, responses, mask, rollout.row_tokens_for(policy, reward_model))
+            logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, packed), packed.tokens, temperature)
+            ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, packed), packed.tokens, temperature)
+            kl = ppo.per_token_kl(packed.unpack(logprobs, 0.0), packed.unpack(ref_logprobs, 0.0), mask).sum(1)
+            raw_scores = rollout.reward_scores(reward_model, packed)
             scores = ppo.normalize_scores(raw_scores, stats, None) if stats else raw_scores
         for r in range(len(chunk)):
             rows.append({

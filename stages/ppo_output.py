@@ -27,10 +27,8 @@ def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, s
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[start : start + cfg.eval_batch_size]
             queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(model.policy, tokenizer, [p for _, p in chunk], greedy, accelerator.device)
-            input_ids = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([query_mask, mask.long()], 1)
-            per_token = rollout.token_scores(reward_model, reward_model.score, input_ids, attention_mask, queries.shape[1])
-            scores = ppo.normalize_scores(per_token[torch.arange(len(lengths), device=lengths.device), lengths - 1], stats, cfg.score_clip)
+            packed = rollout.pack(queries, query_mask, responses, mask, rollout.row_tokens_for(reward_model))
+            scores = ppo.normalize_scores(rollout.reward_scores(reward_model, packed), stats, cfg.score_clip)
             for r, (index, _) in enumerate(chunk):
                 text = tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True)
                 rows.append((index, scores[r].item(), bool(ended[r]), int(lengths[r]), text))

@@ -27,16 +27,18 @@ class Rollout:
     responses: torch.Tensor  # sampled ids, pad after the first EOS
     response_mask: torch.Tensor  # bool, true up to and including the first EOS
     ended: torch.Tensor  # (batch,) bool: the response produced an EOS
-    logprobs: torch.Tensor  # log pi_old(token), INVALID_LOGPROB off the mask
-    ref_logprobs: torch.Tensor  # log pi_ref(token)
-    values: torch.Tensor  # V_old(prefix)
-    scores: torch.Tensor  # (batch,) raw reward-model scores
+    ref_logprobs: torch.Tensor | None  # log pi_ref(token), INVALID_LOGPROB off the mask
+    scores: torch.Tensor | None  # (batch,) raw reward-model scores, read at the last real token
+    logprobs: torch.Tensor | None = None  # log pi_old(token), INVALID_LOGPROB off the mask
+    values: torch.Tensor | None = None  # V_old(prefix), 0 off the mask
 
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.queries, self.responses], dim=1)
+    def set_old(self, logprobs: torch.Tensor, values: torch.Tensor) -> None:
+        """Record the policy's log-probs and values at rollout time, masked."""
+        self.logprobs = torch.where(self.response_mask, logprobs, torch.full_like(logprobs, ppo.INVALID_LOGPROB))
+        self.values = torch.where(self.response_mask, values, torch.zeros_like(values))
 
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
+    def pack(self, row_tokens: int) -> Packed:
+        return pack(self.queries, self.query_mask, self.responses, self.response_mask, row_tokens)
 
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(**{k: v[index] for k, v in vars(self).items()})
@@ -66,18 +68,135 @@ def backbone(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def token_scores(model: nn.Module, head: nn.Module, input_ids, attention_mask, context_len: int) -> torch.Tensor:
-    """The head applied to every response position: (batch, response_len) float32.
-    The value of a state is read at the token that ends it."""
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return head(hidden[:, context_len - 1 : -1]).squeeze(-1).float()
+ROW_TOKENS = 1024
+"""Longest packed row, unless one sequence is longer on its own. Attention kernels without
+variable-length support build a (row, row) mask per row; this bounds it."""
 
 
-def response_logits(policy: nn.Module, input_ids, attention_mask, context_len: int) -> torch.Tensor:
-    """Logits that predict each response token: (batch, response_len, vocab)."""
-    response_len = input_ids.shape[1] - context_len
-    out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=response_len + 1)
-    return out.logits[:, :-1]
+@dataclass
+class Packed:
+    """A batch of prompt + response sequences laid end to end in rows, without padding,
+    for every forward pass after sampling. Position ids restart at 0 for each sequence;
+    given them and no attention mask, transformers builds a block-causal mask, so each
+    sequence attends only to itself and each token sits at the position it has alone.
+    Padded, a batch of uneven prompts and of responses that mostly stop early is about
+    a third padding, and every forward and backward paid for it."""
+
+    input_ids: torch.Tensor  # (rows, row_len); filler after the last sequence of a row
+    position_ids: torch.Tensor  # (rows, row_len)
+    predicts: torch.Tensor  # (rows, row_len) bool: the token before a real response token, whose output predicts it and is the state it was chosen in
+    last: torch.Tensor  # (batch,) flat position of each sequence's last real token (its EOS when it has one)
+    response_mask: torch.Tensor  # (batch, response_len) bool
+    tokens: torch.Tensor  # (n,) the real response tokens, sequence by sequence
+
+    # Sequences are laid out in batch order, so positions taken from `predicts` in
+    # memory order line up with `tokens` and with the true entries of `response_mask`.
+
+    def unpack(self, flat: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-token values (n,) back onto the (batch, response_len) grid, `fill` off the mask."""
+        grid = torch.full(self.response_mask.shape, fill, dtype=flat.dtype, device=flat.device)
+        return grid.index_put((self.response_mask,), flat)
+
+
+def pack(queries, query_mask, responses, response_mask, row_tokens: int = ROW_TOKENS) -> Packed:
+    """Lay each (left-padded prompt, right-padded response) end to end: consecutive
+    sequences share a row while it stays within `row_tokens`. With row_tokens=0 each
+    sequence gets a row of its own, right-padded, which any causal model reads right
+    without packing support. No real token attends to the filler (token 0) after the
+    sequences of a row, so its id does not matter."""
+    device = queries.device
+    ids = torch.cat([queries, responses], 1)
+    real = torch.cat([query_mask.bool(), response_mask.bool()], 1)
+    lengths = real.sum(1).tolist()
+    rows: list[list[int]] = [[]]
+    for b, n in enumerate(lengths):
+        if rows[-1] and sum(lengths[i] for i in rows[-1]) + n > row_tokens:
+            rows.append([])
+        rows[-1].append(b)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=ids.dtype, device=device)
+    positions = torch.arange(width, device=device).repeat(len(rows), 1)  # the filler counts 0, 1, ...: a sequence of its own
+    start = [0] * len(lengths)
+    for r, row in enumerate(rows):
+        offset = 0
+        for b in row:
+            n = lengths[b]
+            input_ids[r, offset : offset + n] = ids[b][real[b]]
+            positions[r, offset : offset + n] = torch.arange(n, device=device)
+            start[b] = r * width + offset
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset, device=device)
+    start_t = torch.tensor(start, device=device)
+    prompt_lengths = query_mask.long().sum(1)
+    steps = torch.arange(responses.shape[1], device=device)
+    before = (start_t + prompt_lengths - 1)[:, None] + steps[None, :]
+    predicts = torch.zeros(input_ids.numel(), dtype=torch.bool, device=device)
+    predicts[before[response_mask.bool()]] = True
+    return Packed(
+        input_ids=input_ids,
+        position_ids=positions,
+        predicts=predicts.view_as(input_ids),
+        last=start_t + torch.tensor(lengths, device=device) - 1,
+        response_mask=response_mask.bool(),
+        tokens=responses[response_mask.bool()],
+    )
+
+
+def row_tokens_for(*models: nn.Module) -> int:
+    """ROW_TOKENS when every model keeps packed sequences apart, else 0 (a row each)."""
+    return ROW_TOKENS if all(packs_sequences(m) for m in models) else 0
+
+
+_PACKS: dict[tuple, bool] = {}
+
+
+def packs_sequences(model: nn.Module) -> bool:
+    """Whether `model` keeps packed sequences apart, tried on two short ones rather than
+    assumed (transformers' packed masks need position ids and the shared mask
+    utilities; a model without them would attend across sequences). Remembered per
+    implementation and attention kernel."""
+    key = (type(backbone(model)), getattr(model.config, "_attn_implementation", None))
+    if key not in _PACKS:
+        _PACKS[key] = _try_packing(model)
+    return _PACKS[key]
+
+
+def _try_packing(model: nn.Module) -> bool:
+    first, second = torch.arange(3, 6), torch.arange(7, 11)
+    device = next(model.parameters()).device
+    ids = torch.cat([first, second]).unsqueeze(0).to(device)
+    positions = torch.cat([torch.arange(3), torch.arange(4)]).unsqueeze(0).to(device)
+    with torch.no_grad():
+        together = backbone(model)(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0, -1].float()
+        alone = backbone(model)(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False).last_hidden_state[0, -1].float()
+    return bool((together - alone).abs().max() <= 1e-3 * alone.abs().max().clamp(min=1e-6))
+
+
+def hidden_states(model: nn.Module, packed: Packed) -> torch.Tensor:
+    """The backbone's last hidden states at every packed position: (rows, row_len, hidden)."""
+    return backbone(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+
+
+def response_logits(policy: nn.Module, packed: Packed, output_hidden_states: bool = False):
+    """Logits that predict each real response token, (n, vocab), from the model's own
+    forward (which applies any logit scaling or soft-capping it has) with the output
+    layer run on those positions only. With output_hidden_states, also the last
+    hidden states there, (n, hidden)."""
+    out = policy(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False, logits_to_keep=packed.predicts, output_hidden_states=output_hidden_states)
+    if output_hidden_states:
+        return out.logits, out.hidden_states[-1][packed.predicts]
+    return out.logits
+
+
+def token_values(model: nn.Module, head: nn.Module, packed: Packed) -> torch.Tensor:
+    """The value head on the state each real response token was chosen in: (n,) float32."""
+    return head(hidden_states(model, packed)[packed.predicts]).squeeze(-1).float()
+
+
+def reward_scores(reward_model: nn.Module, packed: Packed) -> torch.Tensor:
+    """The reward model's score of each whole sequence, read at its last real token (the
+    EOS), where the RM stage trained and evaluated it: (batch,) float32."""
+    return reward_model.score(hidden_states(reward_model, packed).flatten(0, 1)[packed.last]).squeeze(-1).float()
 
 
 class PolicyAndValue(nn.Module):
@@ -115,37 +234,35 @@ class PolicyAndValue(nn.Module):
             if "lora_" in name:
                 p.requires_grad_(True)
 
-    def reference_logits(self, input_ids, attention_mask, context_len: int) -> torch.Tensor:
-        """LoRA mode: the shared weights with every adapter off, which is the SFT model
-        because the SFT stage hands over a merged folder."""
+    def reference_logprobs(self, packed: Packed, temperature: float) -> torch.Tensor:
+        """LoRA mode: log-probs under the shared weights with every adapter off, which is
+        the SFT model because the SFT stage hands over a merged folder. (n,)"""
         with self.policy.disable_adapter():
-            logits = response_logits(self.policy, input_ids, attention_mask, context_len)
+            logits = response_logits(self.policy, packed)
         self.use("policy")
-        return logits
+        return ppo.logprobs_from_logits(logits, packed.tokens, temperature)
 
-    def forward(self, input_ids, attention_mask, context_len: int, temperature: float, ptx=None):
-        """(logprobs of each token under the policy, values, entropy), all (batch, response_len),
-        and the PPO-ptx language-modelling loss on `ptx` = (input_ids, attention_mask, labels), or None."""
+    def forward(self, packed: Packed, temperature: float, ptx=None):
+        """(log-probs of each response token under the policy, values, entropy), each
+        (batch, response_len) with INVALID_LOGPROB / 0 / 0 off the mask, and the PPO-ptx
+        language-modelling loss on `ptx` = (input_ids, attention_mask, labels), or None."""
         self.use("policy")
-        tokens = input_ids[:, context_len:]
         if self.shared:
-            hidden = backbone(self.policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-            hidden = hidden[:, context_len - 1 : -1]
-            logits = self.policy.get_output_embeddings()(hidden)
+            logits, hidden = response_logits(self.policy, packed, output_hidden_states=True)
             values = self.head(hidden).squeeze(-1).float()
         else:
-            logits = response_logits(self.policy, input_ids, attention_mask, context_len)
+            logits = response_logits(self.policy, packed)
             self.use("value")
-            values = token_scores(self.policy if self.lora else self.value_model, self.value_head, input_ids, attention_mask, context_len)
+            values = token_values(self.policy if self.lora else self.value_model, self.value_head, packed)
             self.use("policy")
-        logprobs = ppo.logprobs_from_logits(logits, tokens, temperature)
+        logprobs = ppo.logprobs_from_logits(logits, packed.tokens, temperature)
         with torch.no_grad():
             entropy = ppo.entropy_from_logits(logits, temperature)
         ptx_loss = None
         if ptx is not None:
             ids, mask, labels = ptx
             ptx_loss = self.policy(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        return logprobs, values, entropy, ptx_loss
+        return packed.unpack(logprobs, ppo.INVALID_LOGPROB), packed.unpack(values, 0.0), packed.unpack(entropy, 0.0), ptx_loss
 
 
 @torch.no_grad()
@@ -200,35 +317,27 @@ def _sample_plain(policy: nn.Module, queries, query_mask, temperature: float, ma
 
 
 @torch.no_grad()
-def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer) -> Rollout:
-    """Sample responses and score them: old log-probs, reference log-probs, values
-    and reward-model scores. `reference` is None in LoRA mode (adapters disabled)."""
+def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer, row_tokens: int = ROW_TOKENS, policy_pass: bool = True) -> Rollout:
+    """Sample responses and score them: reference log-probs, reward-model scores and,
+    with `policy_pass`, the old log-probs and values (without it the caller takes
+    them from the update's first forward). `reference` is None in LoRA mode
+    (adapters disabled)."""
     with timer("generation"):
         model.use("policy")
         raw = sample(model.policy, queries, query_mask, generation_config)
     responses, mask, ended = ppo.truncate_after_eos(raw, eos_token_id, pad_token_id)
-    context_len = queries.shape[1]
-    input_ids = torch.cat([queries, responses], dim=1)
-    attention_mask = torch.cat([query_mask, mask.to(query_mask.dtype)], dim=1)
+    width = int(ppo.sequence_lengths(mask).max())  # columns past the longest response hold only padding
+    responses, mask = responses[:, :width], mask[:, :width]
+    batch = Rollout(queries=queries, query_mask=query_mask, responses=responses, response_mask=mask, ended=ended, ref_logprobs=None, scores=None)
+    packed = batch.pack(row_tokens)
     with timer("scoring"):
-        logprobs, values, _, _ = model(input_ids, attention_mask, context_len, temperature)
+        if policy_pass:
+            logprobs, values, _, _ = model(packed, temperature)
+            batch.set_old(logprobs, values)
         if reference is None:
-            ref_logits = model.reference_logits(input_ids, attention_mask, context_len)
+            ref_logprobs = model.reference_logprobs(packed, temperature)
         else:
-            ref_logits = response_logits(reference, input_ids, attention_mask, context_len)
-        ref_logprobs = ppo.logprobs_from_logits(ref_logits, responses, temperature)
-        per_token = token_scores(reward_model, reward_model.score, input_ids, attention_mask, context_len)
-        lengths = ppo.sequence_lengths(mask)
-        scores = per_token[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # at the EOS, never at a pad
-    invalid = torch.full_like(logprobs, ppo.INVALID_LOGPROB)
-    return Rollout(
-        queries=queries,
-        query_mask=query_mask,
-        responses=responses,
-        response_mask=mask,
-        ended=ended,
-        logprobs=torch.where(mask, logprobs, invalid),
-        ref_logprobs=torch.where(mask, ref_logprobs, invalid),
-        values=torch.where(mask, values, torch.zeros_like(values)),
-        scores=scores,
-    )
+            ref_logprobs = ppo.logprobs_from_logits(response_logits(reference, packed), packed.tokens, temperature)
+        batch.ref_logprobs = packed.unpack(ref_logprobs, ppo.INVALID_LOGPROB)
+        batch.scores = reward_scores(reward_model, packed)
+    return batch

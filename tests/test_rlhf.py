@@ -22,7 +22,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import cli
 from pipeline import config as configuration
 from pipeline.config import ConfigError
-from stages import base, ppo_loop, rlhf
+from stages import base, ppo_loop, rlhf, rollout
 from stages.sft import LoraSettings
 from tests.conftest import make_tokenizer, tiny_config, write_jsonl
 from tests.test_resume import start, wait_for_checkpoint
@@ -112,6 +112,35 @@ def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir
     assert row["policy/clipfrac"] == 0.0 and row["objective/kl"] == pytest.approx(0.0, abs=1e-5), "the policy starts as the reference"
 
 
+@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("lora", "shared")])
+def test_one_pass_mode_takes_the_old_log_probs_from_the_update_without_changing_a_number(policy_dir, planted_rm, prompts, tmp_path, monkeypatch, method, value_model):
+    # One epoch over one microbatch: the update's forward is the rollout's scoring pass,
+    # so skipping the separate no-grad pass must leave every metric and weight as it was.
+    cfg = config(prompts, method=method, value_model=value_model, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=8, learning_rate=1e-2)
+    assert ppo_loop.one_pass(cfg)
+    passes = []
+    forward = rollout.PolicyAndValue.forward
+    monkeypatch.setattr(rollout.PolicyAndValue, "forward", lambda self, *args: passes.append(torch.is_grad_enabled()) or forward(self, *args))
+    ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path / "fused", seed=5)
+    assert passes == [True], "one forward, the update's"
+    passes.clear()
+    monkeypatch.setattr(ppo_loop, "one_pass", lambda cfg: False)
+    ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path / "separate", seed=5)
+    assert passes == [False, True], "a no-grad scoring pass, then the update's"
+
+    fused, separate = history(tmp_path / "fused")[0], history(tmp_path / "separate")[0]
+    for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "policy/approx_kl", "policy/entropy" if "policy/entropy" in fused else "objective/entropy", "value/explained_variance"):
+        assert fused[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-6), key
+    assert fused["policy/ratio_min"] == fused["policy/ratio_max"] == 1.0, "old log-probs are the update's own"
+    weights = {run: load_file(tmp_path / run / "model.safetensors") for run in ("fused", "separate")}
+    before = load_file(policy_dir / "model.safetensors")
+    moved = 0.0
+    for name, tensor in weights["fused"].items():
+        torch.testing.assert_close(tensor, weights["separate"][name], rtol=1e-4, atol=1e-6)
+        moved = max(moved, (tensor - before[name]).abs().max().item()) if name in before else moved
+    assert moved > 1e-3, "the step changed the policy"
+
+
 def test_lora_keeps_one_backbone_whose_reference_is_the_sft_model(policy_dir, planted_rm, prompts, tmp_path):
     cfg = config(prompts, method="lora", lora=LoraSettings(r=2, alpha=4), steps=2, learning_rate=1e-2)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
@@ -119,9 +148,10 @@ def test_lora_keeps_one_backbone_whose_reference_is_the_sft_model(policy_dir, pl
     assert reference is None, "no second copy of the weights"
     sft = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3]])
-    mask = torch.ones_like(ids)
+    packed = rollout.pack(ids[:, :2], torch.ones(1, 2), ids[:, 2:], torch.ones(1, 3, dtype=torch.bool))
     with torch.no_grad():
-        assert torch.equal(model.reference_logits(ids, mask, 2), sft(ids).logits[:, 1:-1]), "adapters disabled is exactly the SFT model"
+        expected = torch.log_softmax(sft(ids).logits[0, 1:-1], -1).gather(-1, ids[0, 2:, None]).squeeze(-1)
+        assert torch.equal(model.reference_logprobs(packed, 1.0), expected), "adapters disabled is exactly the SFT model"
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in n or n.startswith("head.") for n in trainable) and frozen
@@ -236,7 +266,8 @@ def test_the_value_model_starts_as_the_reward_model_on_the_standardised_scale(po
     if method == "full" and value_model == "separate":
         ids = torch.tensor([[5, 17, 42, 99, 3]])
         with torch.no_grad():
-            values = model(ids, torch.ones_like(ids), 2, 1.0)[1]
+            packed = rollout.pack(ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 3, dtype=torch.bool))
+            values = model(packed, 1.0)[1]
             scores = reward_model(input_ids=ids[:, :-1]).logits.squeeze(-1)
         # the value of the state before the last token is read where the RM would score that prefix
         assert values[0, -1].item() == pytest.approx(scores[0].item() / 4.0, abs=1e-5)
