@@ -7,12 +7,14 @@ a venv of its own and run this file with that venv's python, from the repository
 
     python3 -m venv /tmp/trl112 && /tmp/trl112/bin/pip install torch==2.13.0 trl==1.12.0 transformers==5.23.0
     /tmp/trl112/bin/python pipeline/bench_trl.py [steps] [run_dir]    # default: 6 runs/default
+    /tmp/trl112/bin/python pipeline/bench_trl.py 24 runs/default --save /tmp/trl_policy --lr 1e-5
 
-Prints one JSON line: seconds per step (the first is warm-up) and peak RSS.
+Prints one JSON line: seconds per step (the first is warm-up) and peak RSS. --save
+keeps the trained policy, for `python -m pipeline.bench_gain --policy trl=DIR`.
 """
+import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -32,15 +34,20 @@ class StepClock(TrainerCallback):
 
 
 def main() -> None:
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-    run = sys.argv[2] if len(sys.argv) > 2 else "runs/default"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("steps", nargs="?", type=int, default=6)
+    parser.add_argument("run", nargs="?", default="runs/default")
+    parser.add_argument("--save", help="folder for the trained policy")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    args_in = parser.parse_args()
+    steps, run = args_in.steps, args_in.run
     tokenizer = AutoTokenizer.from_pretrained(f"{run}/sft", padding_side="left")
     rows = [json.loads(line) for line in Path("configs/data/demo_prompts.jsonl").read_text().splitlines()]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=False) for r in rows]
     dataset = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]})
     args = PPOConfig(
         output_dir="/tmp/trl_bench_out", per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
-        total_episodes=8 * steps, response_length=32, temperature=0.7, stop_token="eos", learning_rate=1e-5, num_sample_generations=0,
+        total_episodes=8 * steps, response_length=32, temperature=0.7, stop_token="eos", learning_rate=args_in.lr, num_sample_generations=0,
         local_rollout_forward_batch_size=8, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
     )
     clock = StepClock()
@@ -52,6 +59,9 @@ def main() -> None:
     )
     start = time.time()
     trainer.train()
+    if args_in.save:
+        trainer.save_model(args_in.save)
+        tokenizer.save_pretrained(args_in.save)
     per_step = [b - a for a, b in zip([start, *clock.ends[:-1]], clock.ends, strict=True)]
     print(json.dumps({
         "trl_steps": steps,
