@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/default", help="run folder holding sft/ and rm/")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--variants", default="full-fp32,lora-fp32,lora-shared-micro4", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="lora-fp32,lora-shared,full-fp32", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
