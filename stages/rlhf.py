@@ -3,6 +3,8 @@ per-token KL penalty to the SFT reference (Ziegler et al. 2019; InstructGPT §3.
 
 One PPO step reads top to bottom in `run`:
     1. rollout     sample responses, then log-probs, reference log-probs, values, scores
+                   (forward passes on packed sequences; with one epoch over one microbatch
+                   the old log-probs and values come from the update's own forward)
     2. rewards     normalised score at the EOS, missing-EOS penalty, -kl_coef * KL per token
     3. advantages  GAE, whitened
     4. update      PPO epochs over shuffled minibatches (stages.ppo_loop)
@@ -61,6 +63,8 @@ class RlhfConfig:
     microbatch_size: int = 8
     """Episodes per forward/backward (gradient accumulation inside a minibatch); divides minibatch_size."""
     ppo_epochs: int = 4
+    """With 1, and microbatch_size == batch_size, the rollout skips its policy (and value)
+    forward: the update's forward, on the same weights, gives the same numbers."""
     learning_rate: float = 3e-6
     lr_scheduler: Literal["linear", "constant"] = "linear"
     """linear anneals to 0 at the last step."""
