@@ -10,6 +10,7 @@ weights as a run that was never stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -105,7 +106,16 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer, reward_std: floa
         lora.lora_dropout = 0.0
         peft_model = get_peft_model(policy, lora, adapter_name="policy")
         if not shared:
-            peft_model.add_adapter("value", lora)
+            value_lora = copy.deepcopy(lora)
+            if cfg.value_layers is not None:
+                n_layers = policy.config.num_hidden_layers
+                if cfg.value_layers > n_layers:
+                    raise ConfigError(f"rlhf.value_layers: {cfg.value_layers} is more than the model's {n_layers} layers")
+                # peft honours layers_to_transform only with module-name suffixes, and may have
+                # expanded "all-linear" into full paths: name the suffixes the policy adapted.
+                value_lora.target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "policy" in m.lora_A})
+                value_lora.layers_to_transform = list(range(n_layers - cfg.value_layers, n_layers))
+            peft_model.add_adapter("value", value_lora)
         model, reference = rollout.PolicyAndValue(peft_model, head=head, lora=True, shared=shared), None
     model.eval()
     model.use("policy")
@@ -259,7 +269,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         chosen = prompt_batch(len(encoded), step, per_rank * world, accelerator.process_index, per_rank, seed)
         queries, query_mask = rollout.left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
-            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, row_tokens, policy_pass=not fused)
+            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, row_tokens, policy_pass=not fused, merge=cfg.merge_for_sampling)
         first_forward = None
         if fused:
             with timer("update"):

@@ -55,6 +55,12 @@ class RlhfConfig:
     reward model as in InstructGPT. shared: a value head on the policy's last hidden
     states, one forward and one backward fewer per step, at the cost of policy and
     value sharing features."""
+    value_layers: int | None = None
+    """LoRA with a separate value: the value adapter covers only the top N decoder layers,
+    so its backward stops there (and holds their activations only); null: every layer."""
+    merge_for_sampling: bool = True
+    """LoRA: sample with the policy adapter folded into a temporary copy of the weights it
+    adapts, one matmul per layer instead of three; costs that copy's memory while sampling."""
     steps: int = 100
     """PPO steps; each rolls out `batch_size` prompts per process and updates on them."""
     batch_size: int = 8
@@ -121,11 +127,15 @@ class RlhfConfig:
             raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
+        if self.value_layers is not None and self.value_layers < 1:
+            raise SettingError("value_layers", f"must be at least 1 (or null for every layer), got {self.value_layers}")
         if self.ptx_coef > 0 and self.data.ptx is None:
             raise SettingError("ptx_coef", "needs data.ptx (prompt-response rows to keep modelling)")
 
     def unused(self) -> set[str]:
-        unused = {"lora"} if self.method == "full" else set()
+        unused = {"lora", "value_layers", "merge_for_sampling"} if self.method == "full" else set()
+        if self.value_model == "shared":
+            unused.add("value_layers")
         if self.kl_target is None:
             unused.add("kl_horizon")
         return unused

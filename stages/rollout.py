@@ -9,6 +9,7 @@ update recomputes it, whatever padding its neighbours needed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +235,33 @@ class PolicyAndValue(nn.Module):
             if "lora_" in name:
                 p.requires_grad_(True)
 
+    @contextmanager
+    def merged_policy(self):
+        """LoRA: the policy adapter folded into a temporary copy of each weight it adapts,
+        for sampling. Each generated token then runs one matmul per linear layer instead
+        of three (about a fifth of the generation time on a CPU), at the cost of that
+        copy while sampling. Afterwards the frozen weights are the very tensors they were:
+        unmerging by subtraction would round them away from the SFT model, which they
+        must stay as the reference. Layouts this cannot fold safely (sharded or quantised
+        weights, DoRA) sample unmerged; the sampled distribution is the policy's either
+        way, up to float rounding."""
+        folded = _foldable_lora_layers(self.policy) if self.lora else None
+        if not folded:
+            yield
+            return
+        originals = []
+        try:
+            for layer in folded:
+                base = layer.get_base_layer()
+                originals.append((base, base.weight))
+                base.weight = nn.Parameter(base.weight + layer.get_delta_weight("policy").to(base.weight.dtype), requires_grad=False)
+            with self.policy.disable_adapter():
+                yield
+        finally:
+            for base, weight in originals:
+                base.weight = weight
+            self.use("policy")
+
     def reference_logprobs(self, packed: Packed, temperature: float) -> torch.Tensor:
         """LoRA mode: log-probs under the shared weights with every adapter off, which is
         the SFT model because the SFT stage hands over a merged folder. (n,)"""
@@ -263,6 +291,21 @@ class PolicyAndValue(nn.Module):
             ids, mask, labels = ptx
             ptx_loss = self.policy(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         return packed.unpack(logprobs, ppo.INVALID_LOGPROB), packed.unpack(values, 0.0), packed.unpack(entropy, 0.0), ptx_loss
+
+
+def _foldable_lora_layers(peft_model: nn.Module) -> list | None:
+    """The LoRA linear layers holding a "policy" adapter, or None if any of them is
+    something `merged_policy` should not touch."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and "policy" in m.lora_A]
+    for layer in layers:
+        base = layer.get_base_layer()
+        plain = type(layer) is LoraLinear and type(base) is nn.Linear and type(base.weight) is nn.Parameter and type(base.weight.data) is torch.Tensor
+        if not plain or layer.use_dora.get("policy") or layer.merged or base.weight.shape != (base.out_features, base.in_features):
+            return None
+    return layers or None
 
 
 @torch.no_grad()
@@ -317,14 +360,15 @@ def _sample_plain(policy: nn.Module, queries, query_mask, temperature: float, ma
 
 
 @torch.no_grad()
-def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer, row_tokens: int = ROW_TOKENS, policy_pass: bool = True) -> Rollout:
+def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer, row_tokens: int = ROW_TOKENS, policy_pass: bool = True, merge: bool = False) -> Rollout:
     """Sample responses and score them: reference log-probs, reward-model scores and,
     with `policy_pass`, the old log-probs and values (without it the caller takes
     them from the update's first forward). `reference` is None in LoRA mode
-    (adapters disabled)."""
+    (adapters disabled). `merge`: sample with the LoRA policy folded (`merged_policy`)."""
     with timer("generation"):
         model.use("policy")
-        raw = sample(model.policy, queries, query_mask, generation_config)
+        with model.merged_policy() if merge else nullcontext():
+            raw = sample(model.policy, queries, query_mask, generation_config)
     responses, mask, ended = ppo.truncate_after_eos(raw, eos_token_id, pad_token_id)
     width = int(ppo.sequence_lengths(mask).max())  # columns past the longest response hold only padding
     responses, mask = responses[:, :width], mask[:, :width]

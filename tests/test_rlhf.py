@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -22,7 +23,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import cli
 from pipeline import config as configuration
 from pipeline.config import ConfigError
-from stages import base, ppo_loop, rlhf, rollout
+from stages import base, ppo_loop, ppo_output, rlhf, rollout
 from stages.sft import LoraSettings
 from tests.conftest import make_tokenizer, tiny_config, write_jsonl
 from tests.test_resume import start, wait_for_checkpoint
@@ -165,6 +166,69 @@ def test_lora_keeps_one_backbone_whose_reference_is_the_sft_model(policy_dir, pl
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
 
 
+def _perturb_adapters(model, seed: int = 0) -> None:
+    """LoRA's B starts at zero (adapters are no-ops); give every adapter a real effect."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def test_sampling_with_the_lora_policy_folded_in_samples_the_policy_and_leaves_the_sft_weights_untouched(policy_dir, planted_rm, prompts):
+    cfg = config(prompts, method="lora", lora=LoraSettings(r=2, alpha=4))
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, _, _ = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    _perturb_adapters(model)
+    frozen = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with torch.no_grad():
+        with_adapter = model.policy(ids).logits
+        unmerged = rollout._sample_plain(model.policy, ids, torch.ones_like(ids), 0.0, 8, -1, 0)
+        with model.merged_policy():
+            folded = model.policy(ids).logits
+            merged = rollout._sample_plain(model.policy, ids, torch.ones_like(ids), 0.0, 8, -1, 0)
+    sft = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(with_adapter, sft(ids).logits, atol=1e-3), "the adapter must matter for this test to mean anything"
+    assert torch.allclose(folded, with_adapter, atol=1e-5), "the folded weights are the policy"
+    assert torch.equal(merged, unmerged)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert p is frozen[name][0] and torch.equal(p, frozen[name][1]), f"{name} is not the SFT weight it was"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad(), model.policy.disable_adapter():
+        assert torch.equal(model.policy(ids).logits, sft(ids).logits), "adapters off is still exactly the SFT model"
+
+
+def test_value_layers_puts_the_value_adapter_on_the_top_layers_and_value_folder_keeps_it(policy_dir, planted_rm, prompts, tmp_path):
+    cfg = config(prompts, method="lora", lora=LoraSettings(r=2, alpha=4), value_layers=1)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, _, _ = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    _perturb_adapters(model)
+    n_layers = model.policy.config.num_hidden_layers
+    value_params = [n for n, _ in model.named_parameters() if ".value." in n and "lora_" in n]
+    assert value_params and all(f".layers.{n_layers - 1}." in n for n in value_params), value_params
+    assert any(".layers.0." in n for n, _ in model.named_parameters() if ".policy." in n)
+
+    queries, responses = torch.tensor([[5, 17, 42]]), torch.tensor([[99, 3, 8]])
+    packed = rollout.pack(queries, torch.ones_like(queries), responses, torch.ones_like(responses, dtype=torch.bool))
+    _, values, _, _ = model(packed, 1.0)
+    values.sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and ".value." in n}
+    assert with_grad == set(value_params), "the value's backward reaches its adapter and nothing below"
+
+    ppo_output.save_final(Accelerator(cpu=True), model, tokenizer, tmp_path, {}, {})
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value").eval()
+    with torch.no_grad():
+        expected = rollout.token_values(saved, saved.score, packed)
+    assert torch.allclose(packed.unpack(expected, 0.0), values.detach(), atol=1e-5), "value/ computes what the run's value adapter computed"
+
+    with pytest.raises(ConfigError, match="value_layers: 9 is more than the model's 2 layers"):
+        ppo_loop.load_models(config(prompts, method="lora", value_layers=9), policy_dir, planted_rm, tokenizer)
+
+
 def test_a_reward_model_with_another_tokenizer_is_refused(policy_dir, prompts, tmp_path):
     other = tmp_path / "other_rm"
     tokenizer = make_tokenizer(pad="<|endoftext|>")
@@ -193,6 +257,7 @@ def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, plan
     ("microbatch_size: 3", "rlhf.microbatch_size: must divide minibatch_size (8), got 3"),
     ("ptx_coef: 0.5", "rlhf.ptx_coef: needs data.ptx"),
     ("top_p: 0", "rlhf.top_p: must be in (0, 1], got 0.0"),
+    ("value_layers: 0", "rlhf.value_layers: must be at least 1 (or null for every layer), got 0"),
 ])
 def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, message):
     path = tmp_path / "run.yaml"
