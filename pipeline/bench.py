@@ -24,10 +24,10 @@ from pathlib import Path
 
 VARIANTS = {
     "full-fp32": {"method": "full", "precision": "fp32"},
-    "lora-fp32": {"method": "lora", "precision": "fp32", "value_layers": 15},  # the default config's layout
-    "lora-all-layers": {"method": "lora", "precision": "fp32"},  # value adapter on all 30 layers
-    "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},  # neither saving
-    "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "value_layers": 15, "microbatch_size": 4},
+    "lora-fp32": {"method": "lora", "precision": "fp32"},  # the default config's layout
+    "lora-value15": {"method": "lora", "precision": "fp32", "value_layers": 15},  # value adapter on the top 15 of 30 layers
+    "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},
+    "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
     "lora-shared": {"method": "lora", "value_model": "shared", "precision": "fp32"},
     "lora-shared-micro4": {"method": "lora", "value_model": "shared", "precision": "fp32", "microbatch_size": 4},
     "lora-bf16": {"method": "lora", "precision": "bf16"},  # only pays on CPUs with native bf16 (AVX512-BF16, AMX)
