@@ -200,7 +200,7 @@ def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages
 
 def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import AutoTokenizer, GenerationConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +262,9 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     bar = training.progress_bar(cfg.steps, progress.step, "rlhf", accelerator.is_main_process)
     steps_this_attempt = 0
     fused = one_pass(cfg)
+    # FSDP and DeepSpeed re-point module weights at their own storage inside every forward,
+    # which would undo the folded weights mid-sampling: those sample unmerged.
+    merge = cfg.merge_for_sampling and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     while progress.step < cfg.steps:
         step = progress.step
         timer = Timer()
@@ -269,7 +272,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         chosen = prompt_batch(len(encoded), step, per_rank * world, accelerator.process_index, per_rank, seed)
         queries, query_mask = rollout.left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
-            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, row_tokens, policy_pass=not fused, merge=cfg.merge_for_sampling)
+            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, row_tokens, policy_pass=not fused, merge=merge)
         first_forward = None
         if fused:
             with timer("update"):

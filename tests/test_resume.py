@@ -30,7 +30,7 @@ def start(config: Path, stage: str = "sft") -> subprocess.Popen:
         start_new_session=True,  # signals reach this run only, not pytest
         # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored
         # SIGINT ignored: restore the default so the Ctrl-C step works under `cmd &` too.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (it only resets one signal before exec)
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
