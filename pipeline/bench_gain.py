@@ -27,15 +27,15 @@ LEARNING_RATE = {"lora": 2e-4, "full": 1e-5}
 """Each method's rate, as the default config and TRL users would set it."""
 
 
-def train(variant: str, steps: int, run_dir: Path, out: Path, learning_rate: float | None = None) -> dict:
+def train(variant: str, steps: int, run_dir: Path, out: Path, learning_rate: float | None = None, seed: int = 0) -> dict:
     from stages import ppo_loop, rlhf
 
     settings = {**SETUP, **VARIANTS[variant]}
     settings["learning_rate"] = learning_rate or LEARNING_RATE[settings["method"]]
     cfg = rlhf.RlhfConfig(data=rlhf.RlhfData(prompts="configs/data/demo_prompts.jsonl"), steps=steps, save_steps=10_000, sample_steps=10_000, num_samples=1, eval_batch_size=32, **settings)
     start = time.time()
-    metrics = ppo_loop.train(cfg, run_dir / "sft", run_dir / "rm", out, seed=0)
-    return {"variant": variant, "learning_rate": settings["learning_rate"], "train_seconds": round(time.time() - start, 1), "seconds_per_step": round(metrics["seconds_per_step"], 2)}
+    metrics = ppo_loop.train(cfg, run_dir / "sft", run_dir / "rm", out, seed=seed)
+    return {"variant": variant, "seed": seed, "learning_rate": settings["learning_rate"], "train_seconds": round(time.time() - start, 1), "seconds_per_step": round(metrics["seconds_per_step"], 2)}
 
 
 def evaluate(policies: dict[str, Path], run_dir: Path, samples: int) -> dict:
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", default=[], metavar="NAME=DIR", help="another trained policy folder to score (e.g. TRL's)")
     parser.add_argument("--lr", type=float, help=f"learning rate for every variant (default: {LEARNING_RATE})")
     parser.add_argument("--samples", type=int, default=4, help="responses per eval prompt")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (sampling and prompt order); the eval streams stay fixed")
     parser.add_argument("--out", default="runs/bench_gain", help="where the trained variants go")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -108,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         policies[name] = Path(folder)
     training = []
     for variant in variants:
-        out = Path(args.out) / f"{variant}-{args.steps}" if args.lr is None else Path(args.out) / f"{variant}-{args.steps}-lr{args.lr:g}"
+        name = variant + (f"-lr{args.lr:g}" if args.lr is not None else "") + (f"-seed{args.seed}" if args.seed else "")
+        out = Path(args.out) / f"{variant}-{args.steps}{name[len(variant):]}"
         if out.exists():
             shutil.rmtree(out)  # a fresh run, not a resumed one
         print(f"[bench_gain] training {variant} for {args.steps} steps -> {out}", file=sys.stderr, flush=True)
-        training.append(train(variant, args.steps, run_dir, out, args.lr))
-        policies[variant if args.lr is None else f"{variant}-lr{args.lr:g}"] = out
+        training.append(train(variant, args.steps, run_dir, out, args.lr, args.seed))
+        policies[name] = out
     result = {"setup": {**SETUP, "steps": args.steps, "episodes": SETUP["batch_size"] * args.steps}, "training": training, **evaluate(policies, run_dir, args.samples)}
     print(json.dumps(result, indent=2))
     return 0

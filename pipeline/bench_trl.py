@@ -7,7 +7,7 @@ a venv of its own and run this file with that venv's python, from the repository
 
     python3 -m venv /tmp/trl112 && /tmp/trl112/bin/pip install torch==2.13.0 trl==1.12.0 transformers==5.23.0
     /tmp/trl112/bin/python pipeline/bench_trl.py [steps] [run_dir]    # default: 6 runs/default
-    /tmp/trl112/bin/python pipeline/bench_trl.py 24 runs/default --save /tmp/trl_policy --lr 1e-5
+    /tmp/trl112/bin/python pipeline/bench_trl.py 24 runs/default --save /tmp/trl_policy --lr 1e-5 [--seed 1]
 
 Prints one JSON line: seconds per step (the first is warm-up) and peak RSS. --save
 keeps the trained policy, for `python -m pipeline.bench_gain --policy trl=DIR`.
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default="runs/default")
     parser.add_argument("--save", help="folder for the trained policy")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
     args_in = parser.parse_args()
     steps, run = args_in.steps, args_in.run
     tokenizer = AutoTokenizer.from_pretrained(f"{run}/sft", padding_side="left")
@@ -48,7 +49,7 @@ def main() -> None:
     args = PPOConfig(
         output_dir="/tmp/trl_bench_out", per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
         total_episodes=8 * steps, response_length=32, temperature=0.7, stop_token="eos", learning_rate=args_in.lr, num_sample_generations=0,
-        local_rollout_forward_batch_size=8, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+        local_rollout_forward_batch_size=8, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=args_in.seed,
     )
     clock = StepClock()
     trainer = PPOTrainer(

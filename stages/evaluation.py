@@ -156,7 +156,7 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: E
         chunk = prompts[start : start + cfg.batch_size]
         with torch.no_grad():
             queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, next(policy.parameters()).device)
-            packed = rollout.pack(queries, query_mask, responses, mask, rollout.row_tokens_for(policy, reward_model))
+            packed = rollout.pack(queries, query_mask, responses, mask, rollout.layout_for(policy, reference, reward_model))
             logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, packed), packed.tokens, temperature)
             ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, packed), packed.tokens, temperature)
             kl = ppo.per_token_kl(packed.unpack(logprobs, 0.0), packed.unpack(ref_logprobs, 0.0), mask).sum(1)

@@ -149,14 +149,14 @@ def one_pass(cfg) -> bool:
     return cfg.ppo_epochs == 1 and cfg.microbatch_size == cfg.batch_size
 
 
-def policy_forward(model, batch: rollout.Rollout, cfg, ptx, row_tokens: int):
+def policy_forward(model, batch: rollout.Rollout, cfg, ptx, layout: rollout.Layout):
     """The update's forward on `batch`: (logprobs, values, entropy, ptx loss), with grad."""
     ptx_batch = next(ptx) if ptx is not None else None
     with torch.enable_grad():
-        return model(batch.pack(row_tokens), cfg.temperature, ptx_batch)
+        return model(batch.pack(layout), cfg.temperature, ptx_batch)
 
 
-def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages, returns, cfg, ptx, row_tokens: int, first_forward=None) -> dict[str, float]:
+def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages, returns, cfg, ptx, layout: rollout.Layout, first_forward=None) -> dict[str, float]:
     """`ppo_epochs` passes over the batch in shuffled minibatches, one optimiser step
     each, gradients accumulated over microbatches. `first_forward`, in one-pass mode,
     is the forward already run on the whole batch. Returns mean stats."""
@@ -175,7 +175,7 @@ def ppo_update(accelerator, model, optimizer, batch: rollout.Rollout, advantages
                     if first_forward is not None:
                         (logprobs, values, entropy, ptx_loss), first_forward = first_forward, None
                     else:
-                        logprobs, values, entropy, ptx_loss = policy_forward(model, mb, cfg, ptx, row_tokens)
+                        logprobs, values, entropy, ptx_loss = policy_forward(model, mb, cfg, ptx, layout)
                     pg_loss, pg_stats = ppo.policy_loss(logprobs, mb.logprobs, advantages[index], mb.response_mask, cfg.clip_range)
                     vf_loss, vf_stats = ppo.value_loss(values, mb.values, returns[index], mb.response_mask, cfg.clip_range_value)
                     loss = pg_loss + cfg.vf_coef * vf_loss
@@ -237,8 +237,8 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     reward_model.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
-    row_tokens = rollout.row_tokens_for(model.policy, reward_model, *([model.value_model] if model.value_model is not None else []))
-    if not row_tokens:
+    layout = rollout.layout_for(model.policy, reward_model, *(m for m in (model.value_model, reference) if m is not None))
+    if not layout.row_tokens:
         accelerator.print("[rlhf] these models attend across packed sequences; forward passes use one sequence per row (slower, same numbers)")
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else ppo.FixedKLController(cfg.kl_coef)
     progress = Progress()
@@ -272,11 +272,11 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         chosen = prompt_batch(len(encoded), step, per_rank * world, accelerator.process_index, per_rank, seed)
         queries, query_mask = rollout.left_pad([encoded[i] for i in chosen], tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
-            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, row_tokens, policy_pass=not fused, merge=merge)
+            batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, timer, layout, policy_pass=not fused, merge=merge)
         first_forward = None
         if fused:
             with timer("update"):
-                first_forward = policy_forward(wrapped, batch, cfg, ptx, row_tokens)
+                first_forward = policy_forward(wrapped, batch, cfg, ptx, layout)
                 batch.set_old(first_forward[0].detach(), first_forward[1].detach())
         if not torch.isfinite(batch.scores).all():
             raise ConfigError(f"rlhf: the reward model returned a non-finite score at step {step}; the last good checkpoint is kept")
@@ -292,7 +292,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
         advantages = ppo.masked_whiten(advantages, batch.response_mask)
         # 4. update
         with timer("update"):
-            update_stats = ppo_update(accelerator, wrapped, optimizer, batch, advantages, returns, cfg, ptx, row_tokens, first_forward)
+            update_stats = ppo_update(accelerator, wrapped, optimizer, batch, advantages, returns, cfg, ptx, layout, first_forward)
         scheduler.step()
         # 5. bookkeeping
         kl_per_episode = accelerator.reduce(kl.sum(1).mean(), "mean").item()

@@ -27,7 +27,7 @@ def evaluate_policy(accelerator, model, reward_model, tokenizer, prompts, cfg, s
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[start : start + cfg.eval_batch_size]
             queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(model.policy, tokenizer, [p for _, p in chunk], greedy, accelerator.device)
-            packed = rollout.pack(queries, query_mask, responses, mask, rollout.row_tokens_for(reward_model))
+            packed = rollout.pack(queries, query_mask, responses, mask, rollout.layout_for(reward_model))
             scores = ppo.normalize_scores(rollout.reward_scores(reward_model, packed), stats, cfg.score_clip)
             for r, (index, _) in enumerate(chunk):
                 text = tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True)

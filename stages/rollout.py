@@ -38,8 +38,8 @@ class Rollout:
         self.logprobs = torch.where(self.response_mask, logprobs, torch.full_like(logprobs, ppo.INVALID_LOGPROB))
         self.values = torch.where(self.response_mask, values, torch.zeros_like(values))
 
-    def pack(self, row_tokens: int) -> Packed:
-        return pack(self.queries, self.query_mask, self.responses, self.response_mask, row_tokens)
+    def pack(self, layout: Layout) -> Packed:
+        return pack(self.queries, self.query_mask, self.responses, self.response_mask, layout)
 
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(**{k: v[index] for k, v in vars(self).items()})
@@ -74,14 +74,30 @@ ROW_TOKENS = 1024
 variable-length support build a (row, row) mask per row; this bounds it."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How `pack` lays out sequences: up to `row_tokens` per row (0: one sequence per
+    row, for models that attend across packed sequences), and with `share_prefix`
+    the prompt tokens every sequence starts with once per row (a chat template's
+    system prompt: SmolLM2's is 24 of its prompts' 41 tokens on average)."""
+
+    row_tokens: int = ROW_TOKENS
+    share_prefix: bool = True
+
+
 @dataclass
 class Packed:
     """A batch of prompt + response sequences laid end to end in rows, without padding,
-    for every forward pass after sampling. Position ids restart at 0 for each sequence;
-    given them and no attention mask, transformers builds a block-causal mask, so each
-    sequence attends only to itself and each token sits at the position it has alone.
-    Padded, a batch of uneven prompts and of responses that mostly stop early is about
-    a third padding, and every forward and backward paid for it."""
+    for every forward pass after sampling. Padded, a batch of uneven prompts and of
+    responses that mostly stop early is about a third padding, and every forward and
+    backward paid for it.
+
+    Each sequence keeps the position ids it has alone. Without a shared prefix they
+    restart at 0 for each sequence, and transformers builds the block-causal mask from
+    them. With one, each row starts with the prefix, the sequences after it hold only
+    what follows it, and `attention_mask` lets each attend to the prefix and to itself:
+    the prefix attends only to itself, so its keys and values are the ones every
+    sequence computes alone, computed once."""
 
     input_ids: torch.Tensor  # (rows, row_len); filler after the last sequence of a row
     position_ids: torch.Tensor  # (rows, row_len)
@@ -89,6 +105,8 @@ class Packed:
     last: torch.Tensor  # (batch,) flat position of each sequence's last real token (its EOS when it has one)
     response_mask: torch.Tensor  # (batch, response_len) bool
     tokens: torch.Tensor  # (n,) the real response tokens, sequence by sequence
+    attention_mask: torch.Tensor | None = None  # (rows, 1, row_len, row_len) bool, true where a query may attend a key; None without a shared prefix
+    prefix: int = 0  # tokens shared at the start of every row
 
     # Sequences are laid out in batch order, so positions taken from `predicts` in
     # memory order line up with `tokens` and with the true entries of `response_mask`.
@@ -98,37 +116,61 @@ class Packed:
         grid = torch.full(self.response_mask.shape, fill, dtype=flat.dtype, device=flat.device)
         return grid.index_put((self.response_mask,), flat)
 
+    def inputs(self, model: nn.Module) -> dict:
+        """Keyword arguments for `model`'s forward: ids, positions and, with a shared
+        prefix, the mask in the form its attention kernel takes."""
+        kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+        if self.attention_mask is not None:
+            if _attention(model) == "eager":  # eager attention adds the mask to its scores
+                dtype = next(model.parameters()).dtype
+                kwargs["attention_mask"] = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device).masked_fill(~self.attention_mask, torch.finfo(dtype).min)
+            else:
+                kwargs["attention_mask"] = self.attention_mask
+        return kwargs
 
-def pack(queries, query_mask, responses, response_mask, row_tokens: int = ROW_TOKENS) -> Packed:
+
+def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout()) -> Packed:
     """Lay each (left-padded prompt, right-padded response) end to end: consecutive
-    sequences share a row while it stays within `row_tokens`. With row_tokens=0 each
-    sequence gets a row of its own, right-padded, which any causal model reads right
-    without packing support. No real token attends to the filler (token 0) after the
-    sequences of a row, so its id does not matter."""
+    sequences share a row while it stays within `layout.row_tokens`. With row_tokens=0
+    each sequence gets a row of its own, right-padded, which any causal model reads
+    right without packing support. No real token attends to the filler (token 0)
+    after the sequences of a row, so its id does not matter."""
     device = queries.device
     ids = torch.cat([queries, responses], 1)
     real = torch.cat([query_mask.bool(), response_mask.bool()], 1)
-    lengths = real.sum(1).tolist()
+    sequences = [ids[b][real[b]] for b in range(ids.shape[0])]
+    prompt_lengths = query_mask.long().sum(1)
+    prefix = _common_prefix(sequences, int(prompt_lengths.min()) - 1) if layout.share_prefix and layout.row_tokens else 0
+    lengths = [len(s) - prefix for s in sequences]  # what each sequence adds to a row
     rows: list[list[int]] = [[]]
     for b, n in enumerate(lengths):
-        if rows[-1] and sum(lengths[i] for i in rows[-1]) + n > row_tokens:
+        if rows[-1] and prefix + sum(lengths[i] for i in rows[-1]) + n > layout.row_tokens:
             rows.append([])
         rows[-1].append(b)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = max(prefix + sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.zeros((len(rows), width), dtype=ids.dtype, device=device)
     positions = torch.arange(width, device=device).repeat(len(rows), 1)  # the filler counts 0, 1, ...: a sequence of its own
-    start = [0] * len(lengths)
+    segments = torch.full((len(rows), width), -1, device=device)  # 0: the prefix, k: the row's k-th sequence, -1: filler
+    start = [0] * len(lengths)  # flat position of each sequence's first token, had its prefix been laid out with it
     for r, row in enumerate(rows):
-        offset = 0
-        for b in row:
+        input_ids[r, :prefix] = sequences[0][:prefix]
+        positions[r, :prefix] = torch.arange(prefix, device=device)
+        segments[r, :prefix] = 0
+        offset = prefix
+        for k, b in enumerate(row, start=1):
             n = lengths[b]
-            input_ids[r, offset : offset + n] = ids[b][real[b]]
-            positions[r, offset : offset + n] = torch.arange(n, device=device)
-            start[b] = r * width + offset
+            input_ids[r, offset : offset + n] = sequences[b][prefix:]
+            positions[r, offset : offset + n] = torch.arange(prefix, prefix + n, device=device)
+            segments[r, offset : offset + n] = k
+            start[b] = r * width + offset - prefix
             offset += n
         positions[r, offset:] = torch.arange(width - offset, device=device)
+    attention_mask = None
+    if prefix:
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        same = segments[:, :, None] == segments[:, None, :]
+        attention_mask = (causal & (same | (segments[:, None, :] == 0)))[:, None]
     start_t = torch.tensor(start, device=device)
-    prompt_lengths = query_mask.long().sum(1)
     steps = torch.arange(responses.shape[1], device=device)
     before = (start_t + prompt_lengths - 1)[:, None] + steps[None, :]
     predicts = torch.zeros(input_ids.numel(), dtype=torch.bool, device=device)
@@ -137,18 +179,44 @@ def pack(queries, query_mask, responses, response_mask, row_tokens: int = ROW_TO
         input_ids=input_ids,
         position_ids=positions,
         predicts=predicts.view_as(input_ids),
-        last=start_t + torch.tensor(lengths, device=device) - 1,
+        last=start_t + prefix + torch.tensor(lengths, device=device) - 1,
         response_mask=response_mask.bool(),
         tokens=responses[response_mask.bool()],
+        attention_mask=attention_mask,
+        prefix=prefix,
     )
 
 
-def row_tokens_for(*models: nn.Module) -> int:
-    """ROW_TOKENS when every model keeps packed sequences apart, else 0 (a row each)."""
-    return ROW_TOKENS if all(packs_sequences(m) for m in models) else 0
+def _common_prefix(sequences: list[torch.Tensor], limit: int) -> int:
+    """How many leading tokens every sequence shares, at most `limit` (so that each keeps
+    at least its last prompt token, whose output is its own: the state its first
+    response token was chosen in)."""
+    if len(sequences) < 2 or limit <= 0:
+        return 0
+    first = sequences[0][:limit]
+    n = len(first)
+    for seq in sequences[1:]:
+        differs = (seq[:n] != first[:n]).nonzero()
+        n = int(differs[0]) if len(differs) else min(n, len(seq))
+        if n == 0:
+            return 0
+    return n
+
+
+def layout_for(*models: nn.Module) -> Layout:
+    """The packing every one of `models` reads right: rows of ROW_TOKENS if each keeps
+    packed sequences apart, else a row each; a shared prefix if each also takes a
+    custom attention mask."""
+    if not all(packs_sequences(m) for m in models):
+        return Layout(row_tokens=0, share_prefix=False)
+    return Layout(ROW_TOKENS, share_prefix=all(shares_prefix(m) for m in models))
 
 
 _PACKS: dict[tuple, bool] = {}
+
+
+def _attention(model: nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
 
 
 def packs_sequences(model: nn.Module) -> bool:
@@ -156,26 +224,45 @@ def packs_sequences(model: nn.Module) -> bool:
     assumed (transformers' packed masks need position ids and the shared mask
     utilities; a model without them would attend across sequences). Remembered per
     implementation and attention kernel."""
-    key = (type(backbone(model)), getattr(model.config, "_attn_implementation", None))
+    key = ("packs", type(backbone(model)), _attention(model))
     if key not in _PACKS:
-        _PACKS[key] = _try_packing(model)
+        _PACKS[key] = _try_layout(model, Layout(share_prefix=False))
     return _PACKS[key]
 
 
-def _try_packing(model: nn.Module) -> bool:
-    first, second = torch.arange(3, 6), torch.arange(7, 11)
+def shares_prefix(model: nn.Module) -> bool:
+    """Whether `model` reads a packed batch with a shared prefix right: its attention
+    must take a custom 4D mask (SDPA and eager do, in the form `Packed.inputs` gives;
+    variable-length kernels such as FlashAttention do not), tried like `packs_sequences`."""
+    if _attention(model) not in ("sdpa", "eager"):
+        return False
+    key = ("prefix", type(backbone(model)), _attention(model))
+    if key not in _PACKS:
+        _PACKS[key] = _try_layout(model, Layout(share_prefix=True))
+    return _PACKS[key]
+
+
+def _try_layout(model: nn.Module, layout: Layout) -> bool:
+    """Two sequences that share their first two tokens, packed in one row, against each alone."""
     device = next(model.parameters()).device
-    ids = torch.cat([first, second]).unsqueeze(0).to(device)
-    positions = torch.cat([torch.arange(3), torch.arange(4)]).unsqueeze(0).to(device)
+    queries = torch.tensor([[3, 4, 5], [3, 4, 7]], device=device)
+    responses = torch.tensor([[6, 9], [8, 0]], device=device)
+    response_mask = torch.tensor([[True, True], [True, False]], device=device)
+    packed = pack(queries, torch.ones_like(queries), responses, response_mask, layout)
+    if layout.share_prefix and packed.prefix != 2:
+        return False
     with torch.no_grad():
-        together = backbone(model)(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0, -1].float()
-        alone = backbone(model)(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False).last_hidden_state[0, -1].float()
+        together = hidden_states(model, packed).flatten(0, 1)[packed.last].float()
+        alone = torch.stack([
+            backbone(model)(input_ids=torch.cat([queries[b], responses[b][response_mask[b]]])[None], use_cache=False).last_hidden_state[0, -1].float()
+            for b in range(2)
+        ])
     return bool((together - alone).abs().max() <= 1e-3 * alone.abs().max().clamp(min=1e-6))
 
 
 def hidden_states(model: nn.Module, packed: Packed) -> torch.Tensor:
     """The backbone's last hidden states at every packed position: (rows, row_len, hidden)."""
-    return backbone(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    return backbone(model)(**packed.inputs(model)).last_hidden_state
 
 
 def response_logits(policy: nn.Module, packed: Packed, output_hidden_states: bool = False):
@@ -183,7 +270,7 @@ def response_logits(policy: nn.Module, packed: Packed, output_hidden_states: boo
     forward (which applies any logit scaling or soft-capping it has) with the output
     layer run on those positions only. With output_hidden_states, also the last
     hidden states there, (n, hidden)."""
-    out = policy(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False, logits_to_keep=packed.predicts, output_hidden_states=output_hidden_states)
+    out = policy(**packed.inputs(policy), logits_to_keep=packed.predicts, output_hidden_states=output_hidden_states)
     if output_hidden_states:
         return out.logits, out.hidden_states[-1][packed.predicts]
     return out.logits
@@ -360,7 +447,7 @@ def _sample_plain(policy: nn.Module, queries, query_mask, temperature: float, ma
 
 
 @torch.no_grad()
-def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer, row_tokens: int = ROW_TOKENS, policy_pass: bool = True, merge: bool = False) -> Rollout:
+def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_mask, generation_config, temperature: float, eos_token_id: int, pad_token_id: int, timer, layout: Layout = Layout(), policy_pass: bool = True, merge: bool = False) -> Rollout:
     """Sample responses and score them: reference log-probs, reward-model scores and,
     with `policy_pass`, the old log-probs and values (without it the caller takes
     them from the update's first forward). `reference` is None in LoRA mode
@@ -373,7 +460,7 @@ def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_
     width = int(ppo.sequence_lengths(mask).max())  # columns past the longest response hold only padding
     responses, mask = responses[:, :width], mask[:, :width]
     batch = Rollout(queries=queries, query_mask=query_mask, responses=responses, response_mask=mask, ended=ended, ref_logprobs=None, scores=None)
-    packed = batch.pack(row_tokens)
+    packed = batch.pack(layout)
     with timer("scoring"):
         if policy_pass:
             logprobs, values, _, _ = model(packed, temperature)

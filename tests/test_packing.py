@@ -12,17 +12,17 @@ from stages import ppo, rollout
 VOCAB, PAD, EOS = 64, 0, 2
 
 
-def llama(head: str = "lm", seed: int = 0):
+def llama(head: str = "lm", seed: int = 0, attention: str = "sdpa"):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         num_labels=1, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+                         num_labels=1, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, attn_implementation=attention)
     torch.manual_seed(seed)
     return (LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification)(config).eval()
 
 
-def batch():
-    """Three sequences: prompts of 3, 5 and 2 tokens (left-padded), responses of 2
-    (ends with EOS), 4 (no EOS) and 1 (only the EOS) tokens, the pad after them."""
-    prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
+def batch(shared: tuple = ()):
+    """Three sequences: prompts of 3, 5 and 2 tokens after the `shared` ones (left-padded),
+    responses of 2 (ends with EOS), 4 (no EOS) and 1 (only the EOS) tokens, the pad after them."""
+    prompts = [[*shared, 11, 12, 13], [*shared, 21, 22, 23, 24, 25], [*shared, 31, 32]]
     responses = [[41, EOS], [42, 43, 44, 45], [EOS]]
     queries, query_mask = rollout.left_pad(prompts, PAD, "cpu")
     raw = torch.full((3, 4), PAD)
@@ -32,13 +32,25 @@ def batch():
     return prompts, responses, queries, query_mask, responses_t, mask
 
 
-@pytest.mark.parametrize("row_tokens", [rollout.ROW_TOKENS, 8, 0])
-def test_packed_log_probs_and_scores_equal_each_sequence_alone(row_tokens):
-    prompts, responses, queries, query_mask, responses_t, mask = batch()
-    packed = rollout.pack(queries, query_mask, responses_t, mask, row_tokens)
-    rows = {rollout.ROW_TOKENS: 1, 8: 3, 0: 3}[row_tokens]  # 8 tokens: 5 + 9 + 3 do not share
-    assert packed.input_ids.shape[0] == rows
-    policy, reward_model = llama("lm"), llama("rm", seed=1)
+LAYOUTS = {  # name: (layout, shared prompt start, rows, prefix)
+    "one row": (rollout.Layout(share_prefix=False), (), 1, 0),
+    "rows of 8": (rollout.Layout(8, share_prefix=False), (), 3, 0),  # 5 + 9 + 3 tokens do not share a row
+    "a row each": (rollout.Layout(0, share_prefix=False), (), 3, 0),
+    "nothing to share": (rollout.Layout(), (), 1, 0),
+    "shared prefix": (rollout.Layout(), (5, 6, 7), 1, 3),
+    "shared prefix, rows of 17": (rollout.Layout(17, share_prefix=True), (5, 6, 7), 2, 3),  # prefix 3 + 5 + 9 fill a row; the third opens one with its own prefix
+    "prefix not shared": (rollout.Layout(share_prefix=False), (5, 6, 7), 1, 0),
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_packed_log_probs_and_scores_equal_each_sequence_alone(name, attention):
+    layout, shared, rows, prefix = LAYOUTS[name]
+    prompts, responses, queries, query_mask, responses_t, mask = batch(shared)
+    packed = rollout.pack(queries, query_mask, responses_t, mask, layout)
+    assert (packed.input_ids.shape[0], packed.prefix) == (rows, prefix)
+    policy, reward_model = llama("lm", attention=attention), llama("rm", seed=1, attention=attention)
     with torch.no_grad():
         logprobs = packed.unpack(ppo.logprobs_from_logits(rollout.response_logits(policy, packed), packed.tokens), ppo.INVALID_LOGPROB)
         scores = rollout.reward_scores(reward_model, packed)
@@ -49,6 +61,35 @@ def test_packed_log_probs_and_scores_equal_each_sequence_alone(row_tokens):
             assert (logprobs[r, len(response) :] == ppo.INVALID_LOGPROB).all()
             # the score of the whole sequence, EOS included, as the sequence classifier reads it
             torch.testing.assert_close(scores[r], reward_model(ids).logits[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_prefix_gives_the_gradients_of_each_sequence_alone():
+    """The prefix runs once and collects the gradient of every sequence after it: the
+    sum each sequence's own copy of it would have collected."""
+    prompts, responses, queries, query_mask, responses_t, mask = batch((5, 6, 7))
+    grads = []
+    for share in (True, False):
+        policy = llama()
+        packed = rollout.pack(queries, query_mask, responses_t, mask, rollout.Layout(share_prefix=share))
+        assert packed.prefix == (3 if share else 0)
+        ppo.logprobs_from_logits(rollout.response_logits(policy, packed), packed.tokens).sum().backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_prefix_leaves_each_sequence_its_last_prompt_token():
+    """The first response token is chosen in the state after the last prompt token, which
+    must be the sequence's own even when a prompt is nothing but the shared start."""
+    queries, query_mask = rollout.left_pad([[5, 6, 7], [5, 6, 7, 8]], PAD, "cpu")
+    responses, mask = torch.tensor([[9, EOS], [9, EOS]]), torch.ones(2, 2, dtype=torch.bool)
+    packed = rollout.pack(queries, query_mask, responses, mask)
+    assert packed.prefix == 2
+    assert packed.input_ids[0].tolist() == [5, 6, 7, 9, EOS, 7, 8, 9, EOS]
+    assert packed.predicts[0].nonzero().squeeze(-1).tolist() == [2, 3, 6, 7]
+    assert packed.last.tolist() == [4, 8]
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5]
 
 
 def test_the_score_is_read_at_the_eos_not_the_token_before():
@@ -73,5 +114,19 @@ def test_a_model_that_ignores_packing_gets_a_row_per_sequence():
     blind = llama()
     blind.model = Blind(blind.config)
     assert rollout.packs_sequences(model) and not rollout.packs_sequences(blind)
-    assert rollout.row_tokens_for(model) == rollout.ROW_TOKENS
-    assert rollout.row_tokens_for(model, blind) == 0
+    assert rollout.layout_for(model) == rollout.Layout(rollout.ROW_TOKENS, share_prefix=True)
+    assert rollout.layout_for(model, blind) == rollout.Layout(0, share_prefix=False)
+
+
+def test_a_model_that_drops_custom_masks_packs_without_a_shared_prefix():
+    class NoMask(LlamaModel):
+        """Ignores the attention mask: transformers then builds the block-causal mask from
+        the position ids, under which a sequence after the prefix cannot see it."""
+
+        def forward(self, *args, attention_mask=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = llama()
+    model.model = NoMask(model.config)
+    assert rollout.packs_sequences(model) and not rollout.shares_prefix(model)
+    assert rollout.layout_for(model) == rollout.Layout(rollout.ROW_TOKENS, share_prefix=False)
