@@ -26,6 +26,9 @@ VARIANTS = {
     "full-fp32": {"method": "full", "precision": "fp32"},
     "lora-fp32": {"method": "lora", "precision": "fp32"},  # the default config's layout
     "lora-value15": {"method": "lora", "precision": "fp32", "value_layers": 15},  # value adapter on the top 15 of 30 layers
+    "lora-reward": {"method": "lora", "precision": "fp32", "value_model": "reward"},  # value adapter on the reward model
+    "lora-reward8": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8},  # ... on its top 8 layers, fed its states below them
+    "lora-reward4": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 4},
     "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},
     "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
     "lora-shared": {"method": "lora", "value_model": "shared", "precision": "fp32"},

@@ -105,18 +105,31 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, tokenizer, reward_std: floa
         lora = training.lora_config(cfg.lora, task_type="CAUSAL_LM")
         lora.lora_dropout = 0.0
         peft_model = get_peft_model(policy, lora, adapter_name="policy")
-        if not shared:
+        reference = None
+        if shared:
+            model = rollout.PolicyAndValue(peft_model, head=head, lora=True, shared=True)
+        else:
+            on = reward_model if cfg.value_model == "reward" else policy
+            n_layers = on.config.num_hidden_layers
+            if cfg.value_layers is not None and cfg.value_layers > n_layers:
+                raise ConfigError(f"rlhf.value_layers: {cfg.value_layers} is more than the model's {n_layers} layers")
+            # peft honours layers_to_transform only with module-name suffixes, and may have
+            # expanded "all-linear" into full paths: name the suffixes the policy adapted.
             value_lora = copy.deepcopy(lora)
+            value_lora.target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "policy" in m.lora_A})
             if cfg.value_layers is not None:
-                n_layers = policy.config.num_hidden_layers
-                if cfg.value_layers > n_layers:
-                    raise ConfigError(f"rlhf.value_layers: {cfg.value_layers} is more than the model's {n_layers} layers")
-                # peft honours layers_to_transform only with module-name suffixes, and may have
-                # expanded "all-linear" into full paths: name the suffixes the policy adapted.
-                value_lora.target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "policy" in m.lora_A})
                 value_lora.layers_to_transform = list(range(n_layers - cfg.value_layers, n_layers))
-            peft_model.add_adapter("value", value_lora)
-        model, reference = rollout.PolicyAndValue(peft_model, head=head, lora=True, shared=shared), None
+            if cfg.value_model == "reward":
+                value_lora.task_type = None  # a plain peft wrapper: the RM is called through its backbone and head
+                value_lora.base_model_name_or_path = str(rm_dir)
+                reward_model = get_peft_model(reward_model, value_lora, adapter_name="value")
+                top = cfg.value_layers if cfg.value_layers is not None and rollout.runs_top_layers(reward_model, cfg.value_layers) else None
+                if cfg.value_layers is not None and cfg.value_layers < n_layers and top is None:
+                    print(f"[rlhf] {rm_dir}: this model cannot run its top {cfg.value_layers} layers alone; the value runs every layer (same numbers, slower)")
+                model = rollout.PolicyAndValue(peft_model, value_model=reward_model, head=head, lora=True, value_top=top)
+            else:
+                peft_model.add_adapter("value", value_lora)
+                model = rollout.PolicyAndValue(peft_model, head=head, lora=True)
     model.eval()
     model.use("policy")
     return model, reference, reward_model
@@ -228,6 +241,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
 
     set_seed(seed, device_specific=True)  # each process samples its own responses
     model, reference, reward_model = load_models(cfg, policy_dir, rm_dir, tokenizer, stats[1] if stats else 1.0)
+    set_seed(seed, device_specific=True)  # the rollouts do not depend on how many adapter weights the layout drew
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
     schedule = (lambda step: 1.0 - step / cfg.steps) if cfg.lr_scheduler == "linear" else (lambda step: 1.0)

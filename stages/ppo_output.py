@@ -74,6 +74,9 @@ def save_final(accelerator, model, tokenizer, out_dir: Path, eval_before: dict, 
     if model.shared:  # value/ is the policy's backbone under the value head
         policy = copy.deepcopy(model.policy).merge_and_unload() if model.lora else model.policy
         value = _value_model_from(policy, model.value_head)
+    elif model.on_reward_model:  # value/ is the reward model with the value adapter merged, under the value head
+        policy = copy.deepcopy(model.policy).merge_and_unload()
+        value = _value_model_from(copy.deepcopy(model.value_model).merge_and_unload(), model.value_head)
     elif model.lora:  # merge each adapter into its own copy of the shared weights
         policy = copy.deepcopy(model.policy)
         policy.delete_adapter("value")

@@ -48,16 +48,21 @@ class RlhfConfig:
     """Any one-label sequence-classification folder instead of the run's RM checkpoint."""
     data: RlhfData = RlhfData()
     method: Literal["full", "lora"] = "full"
-    """lora: policy and value are adapters on one frozen copy of the SFT weights, which is also the reference."""
+    """lora: the policy is an adapter on one frozen copy of the SFT weights, which is also the
+    reference; the value is another adapter on it, or on the frozen reward model (value_model)."""
     lora: LoraSettings = LoraSettings()
-    value_model: Literal["separate", "shared"] = "separate"
-    """separate: the value is its own model (full) or adapter (lora), started from the
-    reward model as in InstructGPT. shared: a value head on the policy's last hidden
-    states, one forward and one backward fewer per step, at the cost of policy and
-    value sharing features."""
+    value_model: Literal["separate", "reward", "shared"] = "separate"
+    """separate: the value is its own model (full: a copy of the reward model, as in
+    InstructGPT) or its own adapter on the policy's frozen weights (lora), under the
+    reward model's head. reward (lora): the value is an adapter on the frozen reward
+    model itself, so it starts as exactly the reward model, and with value_layers it
+    reuses the reward model's forward below them. shared: a value head on the policy's
+    last hidden states, one forward and one backward fewer per step, at the cost of
+    policy and value sharing features."""
     value_layers: int | None = None
-    """LoRA with a separate value: the value adapter covers only the top N decoder layers,
-    so its backward stops there (and holds their activations only); null: every layer."""
+    """LoRA, separate or reward value: the value adapter covers only the top N decoder
+    layers, so its backward stops there (and holds their activations only); with
+    value_model reward its forward runs only those layers too. null: every layer."""
     merge_for_sampling: bool = True
     """LoRA: sample with the policy adapter folded into a temporary copy of the weights it
     adapts, one matmul per layer instead of three; costs that copy's memory while sampling."""
@@ -127,6 +132,8 @@ class RlhfConfig:
             raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
+        if self.value_model == "reward" and self.method != "lora":
+            raise SettingError("value_model", "reward needs method: lora (with full, separate already starts the value as a copy of the reward model)")
         if self.value_layers is not None and self.value_layers < 1:
             raise SettingError("value_layers", f"must be at least 1 (or null for every layer), got {self.value_layers}")
         if self.ptx_coef > 0 and self.data.ptx is None:

@@ -32,6 +32,7 @@ class Rollout:
     scores: torch.Tensor | None  # (batch,) raw reward-model scores, read at the last real token
     logprobs: torch.Tensor | None = None  # log pi_old(token), INVALID_LOGPROB off the mask
     values: torch.Tensor | None = None  # V_old(prefix), 0 off the mask
+    value_inputs: torch.Tensor | None = None  # (batch, prompt_len + response_len, hidden): the reward model's hidden states entering the value's first layer, when the value runs only its top layers
 
     def set_old(self, logprobs: torch.Tensor, values: torch.Tensor) -> None:
         """Record the policy's log-probs and values at rollout time, masked."""
@@ -39,10 +40,13 @@ class Rollout:
         self.values = torch.where(self.response_mask, values, torch.zeros_like(values))
 
     def pack(self, layout: Layout) -> Packed:
-        return pack(self.queries, self.query_mask, self.responses, self.response_mask, layout)
+        packed = pack(self.queries, self.query_mask, self.responses, self.response_mask, layout)
+        if self.value_inputs is not None:
+            packed.value_inputs = packed.from_grid(self.value_inputs)
+        return packed
 
     def select(self, index: torch.Tensor) -> Rollout:
-        return Rollout(**{k: v[index] for k, v in vars(self).items()})
+        return Rollout(**{k: v[index] if v is not None else None for k, v in vars(self).items()})
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +109,11 @@ class Packed:
     last: torch.Tensor  # (batch,) flat position of each sequence's last real token (its EOS when it has one)
     response_mask: torch.Tensor  # (batch, response_len) bool
     tokens: torch.Tensor  # (n,) the real response tokens, sequence by sequence
+    source: torch.Tensor | None = None  # (rows, row_len): where each packed token sits in the (batch, prompt_len + response_len) grid, flattened
+    place: torch.Tensor | None = None  # (batch, prompt_len + response_len): where each grid token sits in the packed rows, flattened (0 on padding)
     attention_mask: torch.Tensor | None = None  # (rows, 1, row_len, row_len) bool, true where a query may attend a key; None without a shared prefix
     prefix: int = 0  # tokens shared at the start of every row
+    value_inputs: torch.Tensor | None = None  # (rows, row_len, hidden), laid out from Rollout.value_inputs
 
     # Sequences are laid out in batch order, so positions taken from `predicts` in
     # memory order line up with `tokens` and with the true entries of `response_mask`.
@@ -115,6 +122,15 @@ class Packed:
         """Per-token values (n,) back onto the (batch, response_len) grid, `fill` off the mask."""
         grid = torch.full(self.response_mask.shape, fill, dtype=flat.dtype, device=flat.device)
         return grid.index_put((self.response_mask,), flat)
+
+    def to_grid(self, states: torch.Tensor) -> torch.Tensor:
+        """Per-position states of these rows, (rows, row_len, ...), onto the unpacked
+        (batch, prompt_len + response_len, ...) grid; padding gets a copy of some real state."""
+        return states.flatten(0, 1)[self.place]
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_grid` for this packing (filler gets some real state)."""
+        return grid.flatten(0, 1)[self.source]
 
     def inputs(self, model: nn.Module) -> dict:
         """Keyword arguments for `model`'s forward: ids, positions and, with a shared
@@ -152,16 +168,23 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
     positions = torch.arange(width, device=device).repeat(len(rows), 1)  # the filler counts 0, 1, ...: a sequence of its own
     segments = torch.full((len(rows), width), -1, device=device)  # 0: the prefix, k: the row's k-th sequence, -1: filler
     start = [0] * len(lengths)  # flat position of each sequence's first token, had its prefix been laid out with it
+    columns = [real[b].nonzero().squeeze(-1) + b * ids.shape[1] for b in range(ids.shape[0])]  # each sequence's real tokens in the flat grid
+    source = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    place = torch.zeros(ids.numel(), dtype=torch.long, device=device)
     for r, row in enumerate(rows):
         input_ids[r, :prefix] = sequences[0][:prefix]
         positions[r, :prefix] = torch.arange(prefix, device=device)
         segments[r, :prefix] = 0
+        source[r, :prefix] = columns[row[0]][:prefix]
         offset = prefix
         for k, b in enumerate(row, start=1):
             n = lengths[b]
             input_ids[r, offset : offset + n] = sequences[b][prefix:]
             positions[r, offset : offset + n] = torch.arange(prefix, prefix + n, device=device)
             segments[r, offset : offset + n] = k
+            source[r, offset : offset + n] = columns[b][prefix:]
+            place[columns[b][:prefix]] = r * width + torch.arange(prefix, device=device)
+            place[columns[b][prefix:]] = r * width + offset + torch.arange(n, device=device)
             start[b] = r * width + offset - prefix
             offset += n
         positions[r, offset:] = torch.arange(width - offset, device=device)
@@ -182,6 +205,8 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
         last=start_t + prefix + torch.tensor(lengths, device=device) - 1,
         response_mask=response_mask.bool(),
         tokens=responses[response_mask.bool()],
+        source=source,
+        place=place.view_as(ids),
         attention_mask=attention_mask,
         prefix=prefix,
     )
@@ -281,37 +306,105 @@ def token_values(model: nn.Module, head: nn.Module, packed: Packed) -> torch.Ten
     return head(hidden_states(model, packed)[packed.predicts]).squeeze(-1).float()
 
 
-def reward_scores(reward_model: nn.Module, packed: Packed) -> torch.Tensor:
+def reward_scores(reward_model: nn.Module, packed: Packed, keep_layer: int | None = None):
     """The reward model's score of each whole sequence, read at its last real token (the
-    EOS), where the RM stage trained and evaluated it: (batch,) float32."""
-    return reward_model.score(hidden_states(reward_model, packed).flatten(0, 1)[packed.last]).squeeze(-1).float()
+    EOS), where the RM stage trained and evaluated it: (batch,) float32. Any adapter on
+    it (the value's, in the "reward" layout) is off. With `keep_layer`, also the hidden
+    states entering that decoder layer, on the unpacked grid (`Packed.to_grid`)."""
+    with adapters_off(reward_model):
+        out = backbone(reward_model)(**packed.inputs(reward_model), output_hidden_states=keep_layer is not None)
+        scores = reward_model.score(out.last_hidden_state.flatten(0, 1)[packed.last]).squeeze(-1).float()
+    if keep_layer is None:
+        return scores
+    return scores, packed.to_grid(out.hidden_states[keep_layer])
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """A peft model with its adapters disabled (and the trainable ones trainable again
+    afterwards); any other model as it is."""
+    if not hasattr(model, "disable_adapter"):
+        yield
+        return
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with model.disable_adapter():
+        yield
+    for p in trainable:
+        p.requires_grad_(True)
+
+
+@contextmanager
+def top_layers(model: nn.Module, n: int):
+    """The backbone of `model` running only its top `n` decoder layers (and its final
+    norm), fed the hidden states entering them as `inputs_embeds`."""
+    body = backbone(model)
+    layers = body.layers
+    body.layers = nn.ModuleList(list(layers)[-n:])
+    try:
+        yield body
+    finally:
+        body.layers = layers
+
+
+def runs_top_layers(model: nn.Module, n: int) -> bool:
+    """Whether feeding the hidden states entering the top `n` layers, with only those
+    layers, gives the full forward's output: true of the Llama family; not of a model
+    that scales or adds to `inputs_embeds`, or lays its layers out otherwise. Tried on
+    two short packed sequences, like `packs_sequences`."""
+    body = backbone(model)
+    if not isinstance(getattr(body, "layers", None), nn.ModuleList) or not 0 < n < len(body.layers):
+        return False
+    device = next(model.parameters()).device
+    queries = torch.tensor([[3, 4, 5], [3, 4, 7]], device=device)
+    responses = torch.tensor([[6, 9], [8, 0]], device=device)
+    packed = pack(queries, torch.ones_like(queries), responses, torch.tensor([[True, True], [True, False]], device=device), layout_for(model))
+    split = len(body.layers) - n
+    try:
+        with torch.no_grad(), adapters_off(model):
+            full = body(**packed.inputs(model), output_hidden_states=True)
+            with top_layers(model, n) as top:
+                part = top(inputs_embeds=full.hidden_states[split], **{k: v for k, v in packed.inputs(model).items() if k != "input_ids"}).last_hidden_state
+    except Exception:  # a backbone that cannot take inputs_embeds this way
+        return False
+    expected = full.last_hidden_state.float()
+    return bool((part.float() - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
 class PolicyAndValue(nn.Module):
     """Policy and value as one module, so one optimiser, one `accelerator.prepare` and
-    one backward serve both. Three layouts:
+    one backward serve both. Four layouts:
 
     separate, full   the policy, and a sequence-classification value model (two models)
     separate, LoRA   one peft model with adapters "policy" and "value" on the shared
                      frozen SFT weights, plus the value head; the reference is that
                      model with adapters disabled
+    reward, LoRA     the policy adapter on the SFT weights, and the value adapter and
+                     head on the frozen reward model, which scores with it disabled: the
+                     value starts as exactly the reward model (InstructGPT's start) and
+                     with `value_top` runs only its top layers, from the reward model's
+                     hidden states there (`Rollout.value_inputs`)
     shared           a value head on the policy's own last hidden states: one forward
                      gives log-probs and values, so each step runs one forward and one
                      backward fewer (full or LoRA)
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, head: nn.Module | None = None, lora: bool = False, shared: bool = False):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, head: nn.Module | None = None, lora: bool = False, shared: bool = False, value_top: int | None = None):
         super().__init__()
-        assert (value_model is None) == (head is not None), "a value model or a value head, not both"
+        assert value_model is not None or head is not None, "a value model, a value head or both"
         self.policy = policy
         self.value_model = value_model
         self.head = head
         self.lora = lora
         self.shared = shared
+        self.value_top = value_top
 
     @property
     def value_head(self) -> nn.Module:
-        return self.head if self.value_model is None else self.value_model.score
+        return self.head if self.head is not None else self.value_model.score
+
+    @property
+    def on_reward_model(self) -> bool:
+        return self.value_model is not None and self.head is not None
 
     def use(self, adapter: str) -> None:
         if not self.lora:
@@ -365,6 +458,9 @@ class PolicyAndValue(nn.Module):
         if self.shared:
             logits, hidden = response_logits(self.policy, packed, output_hidden_states=True)
             values = self.head(hidden).squeeze(-1).float()
+        elif self.on_reward_model:
+            logits = response_logits(self.policy, packed)
+            values = self._values_on_reward_model(packed)
         else:
             logits = response_logits(self.policy, packed)
             self.use("value")
@@ -378,6 +474,20 @@ class PolicyAndValue(nn.Module):
             ids, mask, labels = ptx
             ptx_loss = self.policy(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         return packed.unpack(logprobs, ppo.INVALID_LOGPROB), packed.unpack(values, 0.0), packed.unpack(entropy, 0.0), ptx_loss
+
+
+    def _values_on_reward_model(self, packed: Packed) -> torch.Tensor:
+        """The "reward" layout's values: (n,) float32. With `value_top`, the layers below
+        it carry no adapter, so their output is the reward model's, recorded while it
+        scored the batch; only the top layers run again, with the value adapter."""
+        if self.value_top and packed.value_inputs is not None:
+            inputs = packed.inputs(self.value_model)
+            del inputs["input_ids"]
+            with top_layers(self.value_model, self.value_top) as top:
+                hidden = top(inputs_embeds=packed.value_inputs, **inputs).last_hidden_state
+        else:
+            hidden = hidden_states(self.value_model, packed)
+        return self.value_head(hidden[packed.predicts]).squeeze(-1).float()
 
 
 def _foldable_lora_layers(peft_model: nn.Module) -> list | None:
@@ -462,6 +572,11 @@ def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_
     batch = Rollout(queries=queries, query_mask=query_mask, responses=responses, response_mask=mask, ended=ended, ref_logprobs=None, scores=None)
     packed = batch.pack(layout)
     with timer("scoring"):
+        if model.value_top:
+            batch.scores, batch.value_inputs = reward_scores(reward_model, packed, keep_layer=len(backbone(reward_model).layers) - model.value_top)
+            packed.value_inputs = packed.from_grid(batch.value_inputs)
+        else:
+            batch.scores = reward_scores(reward_model, packed)
         if policy_pass:
             logprobs, values, _, _ = model(packed, temperature)
             batch.set_old(logprobs, values)
@@ -470,5 +585,4 @@ def make_rollout(model: PolicyAndValue, reference, reward_model, queries, query_
         else:
             ref_logprobs = ppo.logprobs_from_logits(response_logits(reference, packed), packed.tokens, temperature)
         batch.ref_logprobs = packed.unpack(ref_logprobs, ppo.INVALID_LOGPROB)
-        batch.scores = reward_scores(reward_model, packed)
     return batch

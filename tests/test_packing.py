@@ -130,3 +130,22 @@ def test_a_model_that_drops_custom_masks_packs_without_a_shared_prefix():
     model.model = NoMask(model.config)
     assert rollout.packs_sequences(model) and not rollout.shares_prefix(model)
     assert rollout.layout_for(model) == rollout.Layout(rollout.ROW_TOKENS, share_prefix=False)
+
+
+def test_the_top_layers_run_alone_from_the_states_entering_them():
+    """The "reward" value layout feeds the reward model's recorded states into its top
+    layers; that must give the full forward's output, and a model that transforms its
+    `inputs_embeds` (as Gemma scales them) must be caught."""
+
+    class Scaled(LlamaModel):
+        def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            return super().forward(inputs_embeds=inputs_embeds * 2.0, **kwargs)
+
+    model = llama("rm", seed=3)
+    assert rollout.runs_top_layers(model, 1)
+    assert not rollout.runs_top_layers(model, 2) and not rollout.runs_top_layers(model, 0), "all layers or none is no split"
+    scaled = llama("rm", seed=3)
+    scaled.model = Scaled(scaled.config)
+    assert not rollout.runs_top_layers(scaled, 1)

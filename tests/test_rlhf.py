@@ -4,6 +4,7 @@ model, bad inputs stop before training, and a killed run resumes exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 
@@ -23,7 +24,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import cli
 from pipeline import config as configuration
 from pipeline.config import ConfigError
-from stages import base, ppo_loop, ppo_output, rlhf, rollout
+from stages import base, data, ppo, ppo_loop, ppo_output, rlhf, rollout
 from stages.sft import LoraSettings
 from tests.conftest import make_tokenizer, tiny_config, write_jsonl
 from tests.test_resume import start, wait_for_checkpoint
@@ -42,15 +43,19 @@ def policy_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def planted_rm(policy_dir, tmp_path_factory):
     """A reward model that scores a response by its last token's embedding along the
-    planted token's: no transformer layers, so the score is a fixed function of that
-    token, highest for the planted one."""
+    planted token's: its two layers add nothing to the residual stream (zero output
+    projections), so the score is a fixed function of that token, highest for the
+    planted one. The layers are there for a value adapter to sit on."""
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     planted = tokenizer(PLANTED, add_special_tokens=False)["input_ids"][0]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(1)
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
         direction = model.model.embed_tokens.weight[planted]
         model.score.weight.copy_(4 * direction / direction.norm())
     folder = tmp_path_factory.mktemp("planted_rm")
@@ -102,7 +107,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(policy_dir, planted_rm, pro
     assert (tmp_path / "samples.md").read_text().count("**PPO**") == 2
 
 
-@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "shared")])
+@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "shared"), ("lora", "reward")])
 def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir, planted_rm, prompts, tmp_path, method, value_model):
     # One epoch over one minibatch: the update's first forward sees the rollout's own
     # weights, so each ratio is exactly 1 unless padding, positions or temperature differ.
@@ -113,11 +118,11 @@ def test_rollout_and_update_give_every_token_the_same_log_probability(policy_dir
     assert row["policy/clipfrac"] == 0.0 and row["objective/kl"] == pytest.approx(0.0, abs=1e-5), "the policy starts as the reference"
 
 
-@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("lora", "shared")])
-def test_one_pass_mode_takes_the_old_log_probs_from_the_update_without_changing_a_number(policy_dir, planted_rm, prompts, tmp_path, monkeypatch, method, value_model):
+@pytest.mark.parametrize("method, value_model, value_layers", [("full", "separate", None), ("lora", "separate", None), ("lora", "shared", None), ("lora", "reward", 1)])
+def test_one_pass_mode_takes_the_old_log_probs_from_the_update_without_changing_a_number(policy_dir, planted_rm, prompts, tmp_path, monkeypatch, method, value_model, value_layers):
     # One epoch over one microbatch: the update's forward is the rollout's scoring pass,
     # so skipping the separate no-grad pass must leave every metric and weight as it was.
-    cfg = config(prompts, method=method, value_model=value_model, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=8, learning_rate=1e-2)
+    cfg = config(prompts, method=method, value_model=value_model, value_layers=value_layers, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=8, learning_rate=1e-2)
     assert ppo_loop.one_pass(cfg)
     passes = []
     forward = rollout.PolicyAndValue.forward
@@ -258,6 +263,7 @@ def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, plan
     ("ptx_coef: 0.5", "rlhf.ptx_coef: needs data.ptx"),
     ("top_p: 0", "rlhf.top_p: must be in (0, 1], got 0.0"),
     ("value_layers: 0", "rlhf.value_layers: must be at least 1 (or null for every layer), got 0"),
+    ("value_model: reward", "rlhf.value_model: reward needs method: lora"),
 ])
 def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, message):
     path = tmp_path / "run.yaml"
@@ -323,12 +329,12 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
     AutoModelForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("full", "shared"), ("lora", "shared")])
+@pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("full", "shared"), ("lora", "shared"), ("lora", "reward")])
 def test_the_value_model_starts_as_the_reward_model_on_the_standardised_scale(policy_dir, planted_rm, prompts, method, value_model):
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model, _, reward_model = ppo_loop.load_models(config(prompts, method=method, value_model=value_model), policy_dir, planted_rm, tokenizer, reward_std=4.0)
     assert torch.equal(model.value_head.weight, reward_model.score.weight / 4.0)
-    if method == "full" and value_model == "separate":
+    if (method, value_model) in (("full", "separate"), ("lora", "reward")):
         ids = torch.tensor([[5, 17, 42, 99, 3]])
         with torch.no_grad():
             packed = rollout.pack(ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 3, dtype=torch.bool))
@@ -349,8 +355,102 @@ def test_a_shared_value_head_also_raises_the_planted_reward(policy_dir, planted_
     first = sum(r["objective/scores"] for r in rows[:5]) / 5
     last = sum(r["objective/scores"] for r in rows[-5:]) / 5
     assert last > first + 2.0, (first, last)
-    assert sum(r["objective/kl"] for r in rows[-5:]) / 5 < 12, "the KL penalty held it near the reference"
+    penalised = sum(r["objective/kl"] for r in rows[-5:]) / 5
+    ppo_loop.train(dataclasses.replace(cfg, kl_coef=0.0), policy_dir, planted_rm, tmp_path / "no_penalty", seed=0)
+    free = sum(r["objective/kl"] for r in history(tmp_path / "no_penalty")[-5:]) / 5
+    assert penalised < 0.9 * free, ("the KL penalty held it nearer the reference", penalised, free)  # about 12 against 15.5 nats
     assert metrics["eval_after"]["score"] > metrics["eval_before"]["score"]
     value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
     policy = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(value.model.embed_tokens.weight, policy.model.embed_tokens.weight), "value/ is the policy's backbone under the head"
+
+
+def test_a_value_on_the_reward_model_runs_its_top_layers_from_the_scoring_pass_and_leaves_the_scores_alone(policy_dir, planted_rm, prompts, tmp_path):
+    cfg = config(prompts, method="lora", value_model="reward", lora=LoraSettings(r=2, alpha=4), value_layers=1)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, reference, reward_model = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    assert reference is None and model.value_model is reward_model and model.value_top == 1
+    _perturb_adapters(model)
+    value_params = [n for n, _ in model.named_parameters() if n.startswith("value_model.") and "lora_" in n]
+    assert value_params and all(".layers.1." in n for n in value_params), value_params
+
+    # two sequences that share the start of their prompts, as a chat template makes them
+    queries, query_mask = rollout.left_pad([[5, 17, 42, 7], [5, 17, 8]], tokenizer.pad_token_id, "cpu")
+    responses, response_mask = torch.tensor([[99, 3, 8], [11, 12, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+    batch = rollout.Rollout(queries=queries, query_mask=query_mask, responses=responses, response_mask=response_mask, ended=torch.zeros(2, dtype=torch.bool), ref_logprobs=None, scores=None)
+    layout = rollout.layout_for(model.policy, reward_model)
+    packed = batch.pack(layout)
+    assert packed.prefix == 2
+    with torch.no_grad():
+        scores, batch.value_inputs = rollout.reward_scores(reward_model, packed, keep_layer=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(planted_rm).eval()
+    with torch.no_grad():
+        for r, ids in enumerate([[5, 17, 42, 7, 99, 3, 8], [5, 17, 8, 11, 12]]):
+            assert scores[r].item() == pytest.approx(rm(torch.tensor([ids])).logits[0, 0].item(), abs=1e-5), "the value adapter is off while the RM scores"
+
+    _, from_states, _, _ = model(batch.pack(layout), 1.0)  # the top layer only, from the recorded states
+    _, every_layer, _, _ = model(packed, 1.0)  # no recorded states: the whole reward model, value adapter on
+    torch.testing.assert_close(from_states, every_layer, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), rollout.adapters_off(reward_model):
+        unadapted = model(packed, 1.0)[1]
+    assert not torch.allclose(unadapted, every_layer, atol=1e-4), "the value adapter must matter for this test to mean anything"
+    from_states.sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(value_params) | {"head.weight"} | ({"head.bias"} if model.head.bias is not None else set())
+
+    ppo_output.save_final(Accelerator(cpu=True), model, tokenizer, tmp_path, {}, {})
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value").eval()
+    with torch.no_grad():
+        expected = rollout.token_values(saved, saved.score, packed)
+    torch.testing.assert_close(packed.unpack(expected, 0.0), every_layer.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_states_go_to_the_grid_and_back():
+    """The reward model's recorded states reach the value's forward through the unpacked
+    grid, so a minibatch packed another way still finds each token's own state."""
+    queries, query_mask = rollout.left_pad([[5, 17, 42, 7], [5, 17, 8]], 0, "cpu")
+    responses, response_mask = torch.tensor([[99, 3, 8], [11, 12, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+    real = torch.cat([query_mask.bool(), response_mask], 1)
+    tokens = torch.cat([queries, responses], 1)
+    for layout in (rollout.Layout(), rollout.Layout(share_prefix=False), rollout.Layout(0, share_prefix=False)):
+        packed = rollout.pack(queries, query_mask, responses, response_mask, layout)
+        grid = packed.to_grid(packed.input_ids)
+        assert torch.equal(grid[real], tokens[real]), layout
+        positions = packed.place[real]  # every real token's packed position
+        assert torch.equal(packed.from_grid(grid).flatten()[positions], packed.input_ids.flatten()[positions]), layout
+        one = rollout.pack(queries[1:], query_mask[1:], responses[1:], response_mask[1:], layout)  # the second sequence alone
+        assert torch.equal(one.from_grid(grid[1:]), one.input_ids), layout
+
+
+def test_a_value_on_the_top_layers_of_the_reward_model_learns_the_returns(policy_dir, planted_rm, prompts, tmp_path):
+    """PPO updates on one fixed rollout, through the real update and optimiser: the value
+    loss of the "reward" layout (adapter on the reward model's top layer, fed its recorded
+    states) must fall well below where it started. Then a 2-step run writes folders that load."""
+    from transformers import GenerationConfig
+
+    cfg = config(prompts, method="lora", value_model="reward", value_layers=1, lora=LoraSettings(r=4, alpha=8), steps=2, ppo_epochs=1,
+                 minibatch_size=8, microbatch_size=8, learning_rate=1e-2, vf_coef=1.0, clip_range_value=1e6)  # unclipped: the old values stay fixed here
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, reference, reward_model = ppo_loop.load_models(cfg, policy_dir, planted_rm, tokenizer)
+    accelerator = Accelerator(cpu=True)
+    value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]  # the policy stays put
+    wrapped, optimizer = accelerator.prepare(model, torch.optim.AdamW(value_params, lr=cfg.learning_rate))
+    encoded = [data.encode_prompt(tokenizer, p) for p in rlhf.read_prompts(str(prompts), "prompts")[:8]]
+    queries, query_mask = rollout.left_pad(encoded, tokenizer.pad_token_id, "cpu")
+    generation = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    layout = rollout.layout_for(model.policy, reward_model)
+    torch.manual_seed(0)
+    batch = rollout.make_rollout(model, reference, reward_model, queries, query_mask, generation, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, ppo_loop.Timer(), layout)
+    assert batch.value_inputs is not None and batch.value_inputs.shape[:2] == (8, queries.shape[1] + batch.responses.shape[1])
+    rewards, _ = ppo.shaped_rewards(batch.scores, torch.zeros_like(batch.logprobs), 0.0, batch.response_mask)
+    advantages, returns = ppo.gae(rewards, batch.values, batch.response_mask, 1.0, 0.95)
+    losses = [ppo_loop.ppo_update(accelerator, wrapped, optimizer, batch, advantages, returns, cfg, None, layout)["loss/value"] for _ in range(40)]
+    assert losses[-1] < 0.2 * losses[0], losses[::5]
+
+    ppo_loop.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
+    rm = AutoModelForSequenceClassification.from_pretrained(planted_rm)
+    assert torch.equal(value.model.embed_tokens.weight, rm.model.embed_tokens.weight), "value/ is the reward model's backbone"
+    assert not torch.equal(value.model.layers[1].mlp.down_proj.weight, rm.model.layers[1].mlp.down_proj.weight), "with the value adapter merged in"
+    assert torch.equal(value.model.layers[0].mlp.down_proj.weight, rm.model.layers[0].mlp.down_proj.weight), "and nothing below the top layer"
+    AutoModelForCausalLM.from_pretrained(tmp_path)
