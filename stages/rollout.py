@@ -83,7 +83,7 @@ class Layout:
     """How `pack` lays out sequences: up to `row_tokens` per row (0: one sequence per
     row, for models that attend across packed sequences), and with `share_prefix`
     the prompt tokens every sequence starts with once per row (a chat template's
-    system prompt: SmolLM2's is 24 of its prompts' 41 tokens on average)."""
+    system prompt: SmolLM2's is 24 of the demo prompts' 41 tokens on average)."""
 
     row_tokens: int = ROW_TOKENS
     share_prefix: bool = True
