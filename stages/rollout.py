@@ -267,12 +267,18 @@ def shares_prefix(model: nn.Module) -> bool:
     return _PACKS[key]
 
 
-def _try_layout(model: nn.Module, layout: Layout) -> bool:
-    """Two sequences that share their first two tokens, packed in one row, against each alone."""
+def _toy_batch(model: nn.Module):
+    """Two short sequences that share their first two tokens, the second response
+    shorter: (queries, responses, response_mask) on the model's device."""
     device = next(model.parameters()).device
     queries = torch.tensor([[3, 4, 5], [3, 4, 7]], device=device)
     responses = torch.tensor([[6, 9], [8, 0]], device=device)
-    response_mask = torch.tensor([[True, True], [True, False]], device=device)
+    return queries, responses, torch.tensor([[True, True], [True, False]], device=device)
+
+
+def _try_layout(model: nn.Module, layout: Layout) -> bool:
+    """Two sequences that share their first two tokens, packed in one row, against each alone."""
+    queries, responses, response_mask = _toy_batch(model)
     packed = pack(queries, torch.ones_like(queries), responses, response_mask, layout)
     if layout.share_prefix and packed.prefix != 2:
         return False
@@ -354,10 +360,8 @@ def runs_top_layers(model: nn.Module, n: int) -> bool:
     body = backbone(model)
     if not isinstance(getattr(body, "layers", None), nn.ModuleList) or not 0 < n < len(body.layers):
         return False
-    device = next(model.parameters()).device
-    queries = torch.tensor([[3, 4, 5], [3, 4, 7]], device=device)
-    responses = torch.tensor([[6, 9], [8, 0]], device=device)
-    packed = pack(queries, torch.ones_like(queries), responses, torch.tensor([[True, True], [True, False]], device=device), layout_for(model))
+    queries, responses, response_mask = _toy_batch(model)
+    packed = pack(queries, torch.ones_like(queries), responses, response_mask, layout_for(model))
     split = len(body.layers) - n
     try:
         with torch.no_grad(), adapters_off(model):
