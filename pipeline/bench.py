@@ -24,10 +24,10 @@ from pathlib import Path
 
 VARIANTS = {
     "full-fp32": {"method": "full", "precision": "fp32"},
-    "lora-fp32": {"method": "lora", "precision": "fp32"},  # the default config's layout
+    "lora-fp32": {"method": "lora", "precision": "fp32"},  # value adapter on the policy's frozen weights
     "lora-value15": {"method": "lora", "precision": "fp32", "value_layers": 15},  # value adapter on the top 15 of 30 layers
     "lora-reward": {"method": "lora", "precision": "fp32", "value_model": "reward"},  # value adapter on the reward model
-    "lora-reward8": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8},  # ... on its top 8 layers, fed its states below them
+    "lora-reward8": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8},  # the default: on its top 8 layers, fed its states below them
     "lora-reward4": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 4},
     "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},
     "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/default", help="run folder holding sft/ and rm/")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--variants", default="lora-fp32,lora-shared,full-fp32", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="lora-reward8,lora-fp32,full-fp32", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.bench import SETUP, VARIANTS
 
-LEARNING_RATE = {"lora": 2e-4, "full": 1e-5}
+LEARNING_RATE = {"lora": 3e-4, "full": 1e-5}
 """Each method's rate, as the default config and TRL users would set it."""
 
 
