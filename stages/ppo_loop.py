@@ -248,6 +248,7 @@ def train(cfg, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model = accelerator.unwrap_model(wrapped)
+    _checkpoint_trainable_weights_only(accelerator)
     reward_model.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
@@ -402,6 +403,40 @@ def _read_history(path: Path, step: int) -> list[dict]:
     if len(kept) != len(rows):
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def _checkpoint_trainable_weights_only(accelerator) -> None:
+    """Checkpoints hold the trainable tensors only. The frozen ones (with LoRA, the SFT
+    weights under the adapters and the reward model under the value adapter, about
+    0.5 GB each for SmolLM2) are rebuilt from the run's inputs on resume, so saving
+    them every save_steps would only cost disk and time. FSDP and DeepSpeed save
+    their own sharded way and keep everything."""
+    from accelerate.utils import DistributedType
+    from accelerate.utils.constants import MODEL_NAME
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        return
+
+    def trainable(module):
+        return {name for name, p in module.named_parameters() if p.requires_grad}
+
+    def on_save(models, weights, output_dir):
+        for i, (module, state) in enumerate(zip(models, weights, strict=True)):
+            keep = trainable(module)
+            weights[i] = {name: tensor for name, tensor in state.items() if name in keep}
+
+    def on_load(models, input_dir):
+        for i, module in enumerate(models):
+            path = Path(input_dir) / f"{MODEL_NAME}{f'_{i}' if i else ''}.bin"
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = trainable(module) - set(state)
+            if missing:
+                raise ConfigError(f"{path}: no {sorted(missing)[0]} ({len(missing)} trainable tensors missing); the checkpoint was written by another layout")
+            module.load_state_dict({name: state[name] for name in trainable(module)}, strict=False)
+        models.clear()  # loaded here; accelerate would insist on every frozen tensor too
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
 
 
 def _save_checkpoint(accelerator, out_dir: Path, step: int) -> None:

@@ -273,10 +273,19 @@ def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, m
     assert message in str(error.value) and str(error.value).startswith(f"{path}:")
 
 
-def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path):
+LAYOUTS = {
+    "full": {"method": "full"},
+    # the default config's layout: the value adapter on the reward model's top layers
+    "lora-reward": {"method": "lora", "value_model": "reward", "value_layers": 1, "lora": {"r": 4, "alpha": 8}},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
     train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24])
     section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 12, "batch_size": 8, "minibatch_size": 4,
-               "microbatch_size": 2, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 6, "normalize_scores": False, "save_steps": 3}
+               "microbatch_size": 2, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 6, "normalize_scores": False, "save_steps": 3,
+               **LAYOUTS[layout]}
     straight = tiny_config(tmp_path, tiny_model_dir, train, name="straight", sft={"max_steps": 2}, rlhf=section)
     assert cli.main(["run", "rlhf", "--config", str(straight)]) == 0
     killed = tiny_config(tmp_path, tiny_model_dir, train, name="killed", sft={"max_steps": 2}, rlhf=section)
@@ -287,6 +296,9 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert not (run / "rlhf").exists()
+    saved = torch.load(ckpt.latest_checkpoint(ckpt.partial_dir(run, "rlhf")) / "pytorch_model.bin", weights_only=True)
+    if layout == "lora-reward":  # the frozen SFT weights and reward model are inputs, not state
+        assert saved and all("lora_" in name or name.startswith("head.") for name in saved), sorted(saved)[:5]
 
     process = start(killed, "rlhf")
     output, _ = process.communicate(timeout=300)
@@ -295,15 +307,18 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     manifest = json.loads((run / "rlhf" / "manifest.json").read_text())
     assert 0 < manifest["metrics"]["steps_last_attempt"] < 12
     assert [r["step"] for r in history(run / "rlhf")] == list(range(1, 13)), "one metrics line per step, none repeated"
-    expected = load_file(tmp_path / "runs" / "straight" / "rlhf" / "model.safetensors")
-    actual = load_file(run / "rlhf" / "model.safetensors")
-    for name in expected:
-        assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
+    for weights in ("model.safetensors", "value/model.safetensors"):
+        expected = load_file(tmp_path / "runs" / "straight" / "rlhf" / weights)
+        actual = load_file(run / "rlhf" / weights)
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{weights}: {name} differs after resuming"
     straight_rows = history(tmp_path / "runs" / "straight" / "rlhf")
     assert [r["objective/scores"] for r in history(run / "rlhf")] == pytest.approx([r["objective/scores"] for r in straight_rows], abs=1e-6)
 
 
-def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
     import os
     import subprocess
     import sys
@@ -313,7 +328,7 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
 
     train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24])
     section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 3, "batch_size": 4, "minibatch_size": 2,
-               "microbatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 5, "normalize_scores": False, "save_steps": 2}
+               "microbatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 5, "normalize_scores": False, "save_steps": 2, **LAYOUTS[layout]}
     config_path = tiny_config(tmp_path, tiny_model_dir, train, sft={"max_steps": 2}, rlhf=section)
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
@@ -327,6 +342,7 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
     assert manifest["metrics"]["episodes"] == 3 * 4 * 2, "each step rolls out batch_size prompts on each process"
     assert [r["episode"] for r in history(folder)] == [8, 16, 24]
     AutoModelForCausalLM.from_pretrained(folder)
+    AutoModelForSequenceClassification.from_pretrained(folder / "value")
 
 
 @pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "separate"), ("full", "shared"), ("lora", "shared"), ("lora", "reward")])
