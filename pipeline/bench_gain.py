@@ -21,10 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.bench import SETUP, VARIANTS
-
-LEARNING_RATE = {"lora": 3e-4, "full": 1e-5}
-"""Each method's rate, as the default config and TRL users would set it."""
+from pipeline.bench import LEARNING_RATE, SETUP, VARIANTS
 
 
 def train(variant: str, steps: int, run_dir: Path, out: Path, learning_rate: float | None = None, seed: int = 0) -> dict:
