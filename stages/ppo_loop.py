@@ -2,8 +2,8 @@
 
 Everything that decides a number is in stages/ppo.py; this file moves tensors
 between models, processes and disk. Checkpoints are `accelerator.save_state`
-folders (weights, optimiser, scheduler, every process's RNG, the KL controller and
-the step counter), marked COMPLETE once flushed, so a run killed at any moment
+folders (trainable weights, optimiser, scheduler, every process's RNG, the KL
+controller and the step counter), marked COMPLETE once flushed, so a run killed at any moment
 continues from the last one and, on CPU with a fixed seed, ends with the same
 weights as a run that was never stopped.
 """
