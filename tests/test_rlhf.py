@@ -317,6 +317,15 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     assert [r["objective/scores"] for r in history(run / "rlhf")] == pytest.approx([r["objective/scores"] for r in straight_rows], abs=1e-6)
 
 
+def test_a_checkpoint_missing_trainable_tensors_is_refused_with_its_path(policy_dir, planted_rm, prompts, tmp_path):
+    out = tmp_path / "out"
+    top_layer = config(prompts, method="lora", value_model="reward", value_layers=1, lora=LoraSettings(r=2, alpha=4), steps=1, save_steps=1, max_new_tokens=3)
+    ppo_loop.train(top_layer, policy_dir, planted_rm, out, seed=0)
+    every_layer = dataclasses.replace(top_layer, value_layers=None, steps=2)  # more trainable tensors than checkpoint-1 holds
+    with pytest.raises(ConfigError, match=r"checkpoint-1/pytorch_model\.bin: no .*\.layers\.0\..*trainable tensors missing\); the checkpoint was written by another layout"):
+        ppo_loop.train(every_layer, policy_dir, planted_rm, out, seed=0)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
     import os
