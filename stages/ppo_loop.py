@@ -429,10 +429,11 @@ def _checkpoint_trainable_weights_only(accelerator) -> None:
         for i, module in enumerate(models):
             path = Path(input_dir) / f"{MODEL_NAME}{f'_{i}' if i else ''}.bin"
             state = torch.load(path, map_location="cpu", weights_only=True)
-            missing = trainable(module) - set(state)
+            keep = trainable(module)
+            missing = keep - set(state)
             if missing:
                 raise ConfigError(f"{path}: no {sorted(missing)[0]} ({len(missing)} trainable tensors missing); the checkpoint was written by another layout")
-            module.load_state_dict({name: state[name] for name in trainable(module)}, strict=False)
+            module.load_state_dict({name: state[name] for name in keep}, strict=False)
         models.clear()  # loaded here; accelerate would insist on every frozen tensor too
 
     accelerator.register_save_state_pre_hook(on_save)
