@@ -7,7 +7,7 @@
 #   make status                       each stage's state, metrics and folder
 #   make bench                        PPO speed and memory on SmolLM2, as JSON
 #   make e2e                          the real default end to end; fails unless RLHF beats SFT on the gold judge
-#   make test                         the test suite
+#   make test                         ruff, then the test suite
 #
 # Variables: CONFIG=path.yaml  SET="sft.learning_rate=1e-5 sft.method=lora"  FORCE=1 (rerun the named stage)
 #            TORCH="torch==2.13.0" (the torch to install; pick a CUDA build on GPU machines if you need one)
@@ -53,12 +53,12 @@ generate: $(INSTALLED)
 	$(PY) -m pipeline generate $(STAGE) $(CONFIG_ARGS) $(if $(strip $(PROMPT)),--prompt "$(PROMPT)")
 
 e2e: $(INSTALLED)
-	$(PY) -m pipeline.e2e --config $(CONFIG)
+	$(PY) -m bench.e2e --config $(CONFIG)
 
 # PPO speed and peak memory on SmolLM2 (JSON); builds the run's sft and rm first.
 bench: $(INSTALLED)
 	$(PY) -m pipeline run rm $(CONFIG_ARGS)
-	$(PY) -m pipeline.bench
+	$(PY) -m bench.ppo_speed
 
 status: $(INSTALLED)
 	@$(PY) -m pipeline status $(CONFIG_ARGS)
@@ -66,7 +66,9 @@ status: $(INSTALLED)
 config: $(INSTALLED)
 	@$(PY) -m pipeline config $(CONFIG_ARGS)
 
+# ruff first: the project's own limits (pyproject.toml) fail fast, before the slow tests.
 test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 clean-venv:

@@ -96,9 +96,23 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def read_manifest(folder: Path) -> dict | None:
     """The folder's manifest, or None when it has none or it cannot be read."""
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why the folder's manifest exists but cannot be read (torn, edited, not JSON), or
+    None: a missing manifest is no problem, just a folder this project did not finish."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{path} cannot be read: {str(e).splitlines()[0]}"
+    return None if isinstance(manifest, dict) else f"{path} is not a JSON object"
 
 
 def is_complete(folder: Path) -> bool:

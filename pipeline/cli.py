@@ -1,4 +1,6 @@
-"""`python -m pipeline`: the command line behind the make targets.
+"""`python -m pipeline`: the command line behind the make targets, and the one place
+where the framework meets the stage registry (it hands `stages.STAGES` to the config
+loader and the runner).
 
     python -m pipeline run [STAGE] [--config FILE] [--set KEY=VALUE ...] [--force]
     python -m pipeline status [--config FILE] [--set KEY=VALUE ...]
@@ -13,15 +15,15 @@ import json
 import sys
 
 from pipeline import config as configuration
-from pipeline.config import ConfigError
+from pipeline import generate
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, TrainingDiverged
+from pipeline.runner import Runner
+from stages import STAGES, config_classes
 
 DEFAULT_CONFIG = "configs/default.yaml"
-EXIT_BAD_INPUT = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    from stages import STAGES
-
     names = [stage.name for stage in STAGES]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (YAML); default {DEFAULT_CONFIG}")
@@ -33,8 +35,6 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun the named stage even if it is up to date")
     commands.add_parser("status", parents=[common], help="each stage's state, metrics and folder")
     commands.add_parser("config", parents=[common], help="print the resolved config as JSON")
-    from pipeline import generate
-
     generate.add_arguments(commands.add_parser("generate", parents=[common], help="answer a prompt, or chat, with a checkpoint"))
     return top
 
@@ -43,18 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     overrides = [item for text in args.set for item in _split(text)]
     try:
-        cfg = configuration.load(args.config, overrides)
+        cfg = configuration.load(args.config, overrides, config_classes())
         if args.command == "config":
             resolved = {"run": configuration.as_dict(cfg.run), **{k: configuration.as_dict(v) for k, v in cfg.stages.items()}}
             print(json.dumps(resolved, indent=2))
             return 0
         if args.command == "generate":
-            from pipeline import generate
-
             return generate.main(args, cfg.run_dir)
-        from pipeline.runner import Runner
-
-        runner = Runner(cfg)
+        runner = Runner(cfg, STAGES)
         if args.command == "status":
             print(runner.status())
             return 0
@@ -63,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         return 130
 

@@ -17,9 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(Exception):
-    """A problem with the user's configuration or input; the CLI prints it and exits 2."""
+from pipeline.errors import ConfigError
 
 
 class SettingError(ValueError):
@@ -79,16 +77,13 @@ class Config:
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage_configs: dict[str, type] | None = None) -> Config:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs: dict[str, type]) -> Config:
     """Read `path`, apply `key=value` overrides and validate every section.
 
-    `stage_configs` maps section name -> dataclass (the stage registry's view);
-    sections missing from the file take their defaults.
+    `stage_configs` maps section name -> dataclass (the stage registry's view, which
+    the CLI passes in: this module imports no stage); sections missing from the file
+    take their defaults.
     """
-    if stage_configs is None:
-        from stages import config_classes
-
-        stage_configs = config_classes()
     path = Path(path)
     where = str(path)
     try:

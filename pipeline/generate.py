@@ -52,22 +52,22 @@ def main(args, run_dir: Path, stdin=None, stdout=None) -> int:
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
-    from stages import generation
+    from engine import sampling
 
     if args.temperature <= 0 and not args.greedy:
         raise ConfigError("--temperature: must be > 0 (or use --greedy)")
     folder = resolve(args.checkpoint, run_dir)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = generation.load(folder, "cuda" if torch.cuda.is_available() else "cpu")
-    sampling = generation.Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    model, tokenizer = sampling.load(folder, "cuda" if torch.cuda.is_available() else "cpu")
+    how = sampling.Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
 
     def answer(messages):
-        response = generation.generate(model, tokenizer, [messages], sampling)[0][0]
+        response = sampling.generate(model, tokenizer, [messages], how)[0][0]
         return response.text + ("" if response.ended else " [cut at --max-new-tokens]")
 
     if args.prompt is not None:
-        print(answer(generation.user_prompt(args.prompt)), file=stdout)
+        print(answer(sampling.user_prompt(args.prompt)), file=stdout)
         return 0
     print(f"Chatting with {folder}. An empty line or Ctrl-D ends; /reset starts over.", file=stdout)
     messages: list[dict] = []

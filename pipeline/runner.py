@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, as_dict, fingerprint_view, local_paths, resolve_local
-from stages import BY_NAME, STAGES, Stage
+from pipeline.stage import Stage
 
 
 @dataclasses.dataclass
@@ -40,11 +40,16 @@ class Assessment:
     partial: dict | None
     """The manifest of an interrupted attempt, when there is one."""
     resume_step: int | None
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    """What the runner did that changes behaviour (a corrupt manifest rebuilt), for the log and the new manifest."""
 
 
 class Runner:
-    def __init__(self, config: Config, log: Callable[[str], None] | None = None):
+    def __init__(self, config: Config, stages: tuple[Stage, ...], log: Callable[[str], None] | None = None):
+        """`stages`: the registry (stages.STAGES), in pipeline order."""
         self.config = config
+        self.stages = stages
+        self.by_name = {stage.name: stage for stage in stages}
         self.run_dir = config.run_dir
         self.hashes = ckpt.HashCache(self.run_dir / ".hashes.json")
         self._assessed: dict[str, Assessment] = {}
@@ -62,16 +67,15 @@ class Runner:
 
     # ------------------------------------------------------------ assessing
 
-    @staticmethod
-    def _input_setting(name: str, parent: str) -> str:
-        stage = BY_NAME[name]
+    def _input_setting(self, name: str, parent: str) -> str:
+        stage = self.by_name[name]
         i = stage.inputs.index(parent)
         return stage.input_settings[i] if i < len(stage.input_settings) else "init_from"
 
     def assess(self, name: str) -> Assessment:
         if name in self._assessed:
             return self._assessed[name]
-        stage, cfg = BY_NAME[name], self.config.stages[name]
+        stage, cfg = self.by_name[name], self.config.stages[name]
         inputs, external, input_prints = {}, set(), {}
         for i, parent in enumerate(stage.inputs):
             key = stage.input_settings[i] if i < len(stage.input_settings) else None
@@ -94,6 +98,11 @@ class Runner:
         final, partial_path = ckpt.final_dir(self.run_dir, name), ckpt.partial_dir(self.run_dir, name)
         manifest = ckpt.read_manifest(final) if ckpt.is_complete(final) else None
         reasons: list[str] = []
+        fallbacks: list[str] = []
+        problem = ckpt.manifest_problem(final)
+        if problem:
+            fallbacks.append(f"rebuilt {name}: {problem}")
+            reasons.append(problem)
         if manifest is None:
             state = "missing"
         else:
@@ -117,7 +126,7 @@ class Runner:
                 state = "interrupted"
         else:
             partial = None
-        found = Assessment(stage, cfg, fingerprint, material, inputs, external, state, reasons, manifest, partial, resume_step)
+        found = Assessment(stage, cfg, fingerprint, material, inputs, external, state, reasons, manifest, partial, resume_step, fallbacks)
         self._assessed[name] = found
         return found
 
@@ -180,12 +189,12 @@ class Runner:
     # ------------------------------------------------------------ running
 
     def run(self, target: str | None = None, force: bool = False) -> list[dict]:
-        target = target or STAGES[-1].name
-        if target not in BY_NAME:
-            raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(BY_NAME)})")
+        target = target or self.stages[-1].name
+        if target not in self.by_name:
+            raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(self.by_name)})")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stage in STAGES:
+            for stage in self.stages:
                 note = ckpt.recover(self.run_dir, stage.name)
                 if note:
                     self.log(f"[pipeline] {note}")
@@ -202,6 +211,8 @@ class Runner:
                 self.log(f"[pipeline] {name}: stale, will rerun: {'; '.join(found.reasons)}")
             elif found.state == "complete":
                 self.log(f"[pipeline] {name}: up to date, rerunning it as asked (--force)")
+            for message in found.fallbacks:
+                self.log(f"[pipeline] {name}: fallback: {message}")
         # Every input is checked before the first stage starts, so a bad data line
         # fails in seconds instead of after an hour of upstream training.
         for name in order:
@@ -260,8 +271,10 @@ class Runner:
             raise
         seconds = time.time() - start
         self.barrier()
+        fallbacks = found.fallbacks + list(metrics.pop("fallbacks", None) or [])
         if self.is_main:
             manifest = self._manifest(found, "complete", metrics, started, seconds, attempt)
+            manifest["fallbacks"] = fallbacks
             ckpt.write_json_atomic(partial / ckpt.MANIFEST, manifest)
             ckpt.promote(self.run_dir, name)
         self.barrier()
@@ -298,7 +311,7 @@ class Runner:
         """Each stage's state, why it is stale, how far an interrupted run got, its headline metrics and folder."""
         rows = [f"run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})"]
         pad = " " * 23
-        for stage in STAGES:
+        for stage in self.stages:
             found = self.assess(stage.name)
             if found.manifest:
                 rows.append(f"  {stage.name:<6} {found.state:<14} {stage.headline(found.manifest.get('metrics', {}))}")

@@ -1,41 +1,16 @@
-"""The pipeline's stages, in order. The runner learns everything it knows about a
-stage from its entry here; adding a stage is adding an entry.
+"""The pipeline's stages, in order: the registry the CLI hands to the framework.
+Adding a stage is a module in this folder and an entry here (see pipeline/stage.py
+for the shape every stage module has).
 
-Every stage module follows the same shape:
-
-    XConfig                                  frozen dataclass, the YAML section `x:`
-    check(cfg) -> None                       validate inputs (data files, ...) before anything runs
-    run(cfg, inputs, out_dir, seed) -> dict  build the checkpoint in out_dir, return its metrics
-    headline(metrics) -> str                 one line for logs and `make status`
-
-`inputs` maps each parent stage to the folder to read (the run's checkpoint, or the
-folder the user named with `init_from`). Stage modules import torch, transformers
-and trl inside their functions, so that validating a config or printing the status
-stays instant.
+Stage modules import torch, transformers and trl inside their functions, so that
+validating a config or printing the status stays instant. Stages never import one
+another; what they share lives in stages/shared/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
+from pipeline.stage import Stage
 from stages import base, evaluation, rlhf, rm, sft
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    config: type
-    inputs: tuple[str, ...]
-    """Parent stages."""
-    check: Callable
-    run: Callable
-    headline: Callable
-    input_settings: tuple[str, ...] = ("init_from",)
-    """Config keys naming a folder that replaces the parent at the same position."""
-    main_only: bool = False
-    """Runs on the main process alone when launched on several (nothing to train)."""
-
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),

@@ -62,9 +62,12 @@ def headline(metrics: dict) -> str:
 
 def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
     model, tokenizer, source = load(cfg)
-    notes = fix_tokens(cfg, model, tokenizer)
+    fallbacks: list[str] = []
+    notes = fix_tokens(cfg, model, tokenizer, fallbacks.append)
     for note in notes:
         print(f"[base] {note}", flush=True)
+    for message in fallbacks:
+        print(f"[base] fallback: {message}", flush=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _check_round_trip(tokenizer, out_dir)
@@ -78,6 +81,7 @@ def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         "pad_token": tokenizer.pad_token,
         "chat_template": "file" if cfg.chat_template else ("default" if any("chat template" in n for n in notes) else "tokenizer"),
         "notes": notes,
+        "fallbacks": fallbacks,
     }
 
 
@@ -145,9 +149,10 @@ def _unquantized_copy(model, dtype):
     return clean
 
 
-def fix_tokens(cfg: BaseConfig, model, tokenizer) -> list[str]:
+def fix_tokens(cfg: BaseConfig, model, tokenizer, fallback=lambda message: None) -> list[str]:
     """Give the tokenizer a chat template, a correct EOS and a pad token distinct from
-    EOS, and make the model's config and generation config agree. Returns what it did."""
+    EOS, and make the model's config and generation config agree. Returns what it did;
+    `fallback` hears about a check it had to skip."""
     notes = []
     if cfg.chat_template:
         tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
@@ -164,7 +169,11 @@ def fix_tokens(cfg: BaseConfig, model, tokenizer) -> list[str]:
             notes.append(f"EOS set to {cfg.eos_token!r} (was {tokenizer.eos_token!r})")
         tokenizer.eos_token = cfg.eos_token
     else:
-        turn_end = end_of_turn_token(tokenizer)
+        try:
+            turn_end = end_of_turn_token(tokenizer)
+        except Exception as e:  # a template of the user's, failing in its own way
+            turn_end = None
+            fallback(f"the chat template cannot render a user/assistant exchange ({_first_line(e)}); EOS kept as {tokenizer.eos_token!r}, unchecked against the end of turn")
         if turn_end is not None and turn_end != tokenizer.eos_token:
             notes.append(f"EOS was {tokenizer.eos_token!r} but the chat template ends turns with {turn_end!r}; EOS set to {turn_end!r}")
             tokenizer.eos_token = turn_end
@@ -197,14 +206,10 @@ def fix_tokens(cfg: BaseConfig, model, tokenizer) -> list[str]:
 
 
 def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant's message."""
+    """The special token the chat template writes right after an assistant's message
+    (None if it writes none). Raises whatever the template raises."""
     marker = "§assistant-text§"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:
-        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
     after = text.split(marker, 1)[-1] if marker in text else ""
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
     return next((tok for tok in specials if tok and after.startswith(tok)), None)

@@ -15,15 +15,15 @@ report leaves the gold columns out.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ConfigError, SettingError, setting
-from stages import report
+from pipeline.config import SettingError, setting
+from stages import eval_report as report
+from stages.shared import data
+from stages.shared.judge import load_judge, reward_stats
 
 POLICIES = ("base", "sft", "rlhf")
 
@@ -33,7 +33,7 @@ class EvalConfig:
     prompts: str = setting("configs/data/demo_eval.jsonl", path="local")
     """Held-out prompts (JSONL rows with "prompt" or "messages"), never trained on."""
     judge: str | None = None
-    """A gold judge as module:function, e.g. pipeline.demo_judge:gold_score; null for none."""
+    """A gold judge as module:function, e.g. demo.judge:gold_score; null for none."""
     max_new_tokens: int = 32
     temperature: float = 0.7
     """Sampling temperature for every policy; 0 is greedy."""
@@ -53,27 +53,8 @@ class EvalConfig:
             raise SettingError("batch_size", "must be at least 1")
 
 
-def load_judge(spec: str | None, key: str) -> Callable[[str, str], float | None] | None:
-    """The judge function named `module:function`, or a ConfigError naming `key`."""
-    if spec is None:
-        return None
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise ConfigError(f"{key}: expected module:function, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{key}: cannot import {module_name!r}: {e}") from None
-    judge = getattr(module, name, None)
-    if not callable(judge):
-        raise ConfigError(f"{key}: {module_name!r} has no function {name!r}")
-    return judge
-
-
 def check(cfg: EvalConfig) -> None:
-    from stages import rlhf
-
-    rlhf.read_prompts(cfg.prompts, "eval.prompts")
+    data.read_prompts(cfg.prompts, "eval.prompts")
     load_judge(cfg.judge, "eval.judge")
 
 
@@ -91,15 +72,21 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages import rlhf
+    from engine.probes import layout_for
 
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = load_judge(cfg.judge, "eval.judge")
     tokenizer = AutoTokenizer.from_pretrained(inputs["sft"])
-    prompts = rlhf.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
+    prompts = data.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
     texts = [p[-1]["content"] for p in prompts]
-    stats = rlhf.reward_stats(inputs["rm"])
+    stats = reward_stats(inputs["rm"])
+    fallbacks: list[str] = []
+
+    def note(message: str) -> None:
+        if message not in fallbacks:
+            fallbacks.append(message)
+            print(f"[eval] fallback: {message}", flush=True)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -112,8 +99,10 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     samples: dict[str, list[dict]] = {}
     for name in POLICIES:
         policy = reference if name == "sft" else causal_lm(inputs[name])
+        # Asked per policy: a policy folder may hold another architecture than the SFT model.
+        layout = layout_for(policy, reference, reward_model, note=note)
         torch.manual_seed(seed)  # every policy draws from the same random stream
-        samples[name] = sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg, stats)
+        samples[name] = sample_and_score(Scorers(policy, reference, reward_model, tokenizer, stats, layout), prompts, cfg)
         for row, text in zip(samples[name], texts, strict=True):
             row["gold"] = judge(text, row["response"]) if judge else None
         print(f"[eval] {name}: {len(prompts)} responses sampled and scored")
@@ -130,6 +119,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     history = _read_jsonl(inputs["rlhf"] / "metrics.jsonl")
     plots = report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
     metrics["eval_seconds"] = round(time.time() - start, 1)
+    metrics["fallbacks"] = fallbacks
     stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
     text = report.render(metrics, examples, stages, plots, cfg)
     ckpt.write_text_atomic(out_dir / "report.md", text)
@@ -140,28 +130,44 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     return metrics
 
 
-def sample_and_score(policy, reference, reward_model, tokenizer, prompts, cfg: EvalConfig, stats) -> list[dict]:
+@dataclasses.dataclass
+class Scorers:
+    """A policy to sample from and what scores its answers."""
+
+    policy: object
+    reference: object  # the SFT model, for the KL
+    reward_model: object
+    tokenizer: object
+    stats: tuple[float, float] | None  # the reward model's held-out mean and std
+    layout: object  # engine.packing.Layout that all three models read right
+
+
+def sample_and_score(models: Scorers, prompts: list[list[dict]], cfg: EvalConfig) -> list[dict]:
     """One sampled response per prompt, with its RM score, KL from the reference,
     length and EOS flag, in prompt order."""
     import torch
 
-    from stages import generation, ppo, rollout
+    from engine import sampling
+    from engine.forward import response_logits, reward_scores
+    from engine.packing import pack
+    from rl.rewards import normalize_scores, per_token_kl
+    from rl.tokens import logprobs_from_logits
 
-    sampling = generation.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    config = generation.generation_config(tokenizer, sampling)
+    tokenizer = models.tokenizer
+    config = sampling.generation_config(tokenizer, sampling.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p))
     # Log-probs at the sampling temperature, as PPO's KL penalty measures them.
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     rows = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         with torch.no_grad():
-            queries, query_mask, responses, mask, ended, lengths = generation.sample_batch(policy, tokenizer, chunk, config, next(policy.parameters()).device)
-            packed = rollout.pack(queries, query_mask, responses, mask, rollout.layout_for(policy, reference, reward_model))
-            logprobs = ppo.logprobs_from_logits(rollout.response_logits(policy, packed), packed.tokens, temperature)
-            ref_logprobs = ppo.logprobs_from_logits(rollout.response_logits(reference, packed), packed.tokens, temperature)
-            kl = ppo.per_token_kl(packed.unpack(logprobs, 0.0), packed.unpack(ref_logprobs, 0.0), mask).sum(1)
-            raw_scores = rollout.reward_scores(reward_model, packed)
-            scores = ppo.normalize_scores(raw_scores, stats, None) if stats else raw_scores
+            queries, query_mask, responses, mask, ended, lengths = sampling.sample_batch(models.policy, tokenizer, chunk, config, next(models.policy.parameters()).device)
+            packed = pack(queries, query_mask, responses, mask, models.layout)
+            logprobs = logprobs_from_logits(response_logits(models.policy, packed), packed.tokens, temperature)
+            ref_logprobs = logprobs_from_logits(response_logits(models.reference, packed), packed.tokens, temperature)
+            kl = per_token_kl(packed.unpack(logprobs, 0.0), packed.unpack(ref_logprobs, 0.0), mask).sum(1)
+            raw_scores = reward_scores(models.reward_model, packed)
+            scores = normalize_scores(raw_scores, models.stats, None) if models.stats else raw_scores
         for r in range(len(chunk)):
             rows.append({
                 "response": tokenizer.decode(responses[r, : lengths[r]], skip_special_tokens=True).strip(),

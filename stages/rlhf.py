@@ -1,28 +1,23 @@
 """Stage 4, rlhf: PPO of the SFT policy against the frozen reward model, with a
 per-token KL penalty to the SFT reference (Ziegler et al. 2019; InstructGPT §3.5).
 
-One PPO step reads top to bottom in `run`:
-    1. rollout     sample responses, then log-probs, reference log-probs, values, scores
-                   (forward passes on packed sequences; with one epoch over one microbatch
-                   the old log-probs and values come from the update's own forward)
-    2. rewards     normalised score at the EOS, missing-EOS penalty, -kl_coef * KL per token
-    3. advantages  GAE, whitened
-    4. update      PPO epochs over shuffled minibatches (stages.ppo_loop)
-    5. bookkeeping KL controller, metrics, checkpoint
-The math lives in stages/ppo.py, the model side in stages/rollout.py.
+This module is the stage: its settings, the checks of its inputs before anything
+runs, and reading them into an `engine.driver.Job`. The loop itself is
+`engine.driver.train` (rollout, rewards, advantages, update, bookkeeping); the math
+is in rl/, the model side in engine/.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import ConfigError, SettingError, resolve_local, setting
-from stages import data
-from stages.sft import LoraSettings
+from pipeline.config import ConfigError, SettingError, setting
+from stages.shared import data
+from stages.shared.judge import load_judge, reward_stats
+from stages.shared.settings import LoraSettings, check_loggers, check_lora, check_model_folder
 
 
 @dataclass(frozen=True)
@@ -73,6 +68,8 @@ class RlhfConfig:
     """Episodes per optimiser step; divides batch_size."""
     microbatch_size: int = 8
     """Episodes per forward/backward (gradient accumulation inside a minibatch); divides minibatch_size."""
+    advantage: Literal["gae"] = "gae"
+    """The advantage estimator, by name in rl/advantages.py's ESTIMATORS: gae (whitened)."""
     ppo_epochs: int = 4
     """With 1, and microbatch_size == batch_size, the rollout skips its policy (and value)
     forward: the update's forward, on the same weights, gives the same numbers."""
@@ -130,6 +127,8 @@ class RlhfConfig:
                 raise SettingError(name, f"must be positive, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise SettingError("kl_coef", f"must be >= 0 (0 is no KL penalty), got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
         if self.value_model == "reward" and self.method != "lora":
@@ -148,45 +147,17 @@ class RlhfConfig:
         return unused
 
 
-def read_prompts(source: str, key: str, max_length: int | None = None, tokenizer=None) -> list[list[dict]]:
-    """Chat prompts from rows with "prompt" (text or messages) or "messages" (a
-    trailing assistant turn is dropped). With a tokenizer, a prompt longer than
-    `max_length` tokens is an error naming its line."""
-    prompts = []
-    for where, row in data.read_rows(source, key):
-        if "prompt" in row:
-            prompt = row["prompt"]
-            messages = data.messages_field(where, prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": data.text_field(where, prompt, "prompt")}]
-        elif "messages" in row:
-            messages = data.messages_field(where, row["messages"], "messages")
-            if messages[-1]["role"] == "assistant":
-                messages = messages[:-1]
-        else:
-            raise ConfigError(f"{where}: expected a 'prompt' (or 'messages'); found keys: {', '.join(sorted(row)) or 'none'}")
-        if not messages:
-            raise ConfigError(f"{where}: the prompt has no turns")
-        if tokenizer is not None:
-            n = len(data.encode_prompt(tokenizer, messages))
-            if n > max_length:
-                raise ConfigError(f"{where}: the prompt is {n} tokens, over rlhf.max_prompt_length={max_length}")
-        prompts.append(messages)
-    return prompts
-
-
 def check(cfg: RlhfConfig) -> None:
-    from stages import evaluation, training
-
-    training.check_loggers(cfg.report_to, "rlhf.report_to")
-    evaluation.load_judge(cfg.judge, "rlhf.judge")
-    for key, folder in (("init_from", cfg.init_from), ("reward_model", cfg.reward_model)):
-        if folder is not None and not (resolve_local(folder, hub_allowed=False) / "config.json").is_file():
-            raise ConfigError(f"rlhf.{key}: {folder} is not a model folder (no config.json)")
-    read_prompts(cfg.data.prompts, "rlhf.data.prompts")
+    check_loggers(cfg.report_to, "rlhf.report_to")
+    check_lora(cfg, "rlhf.lora")
+    load_judge(cfg.judge, "rlhf.judge")
+    check_model_folder(cfg.init_from, "rlhf.init_from")
+    check_model_folder(cfg.reward_model, "rlhf.reward_model")
+    data.read_prompts(cfg.data.prompts, "rlhf.data.prompts")
     if cfg.data.eval_prompts is not None:
-        read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
+        data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
     if cfg.data.ptx is not None:
-        for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx"):
-            data.sft_example(where, row)
+        ptx_rows(cfg)
     if cfg.top_k or cfg.top_p < 1:
         warnings.warn("rlhf: top_k/top_p sample from a truncated policy, so the KL estimate is biased (it can go negative); plain temperature sampling is exact", stacklevel=2)
 
@@ -199,17 +170,32 @@ def headline(metrics: dict) -> str:
 
 
 def run(cfg: RlhfConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
-    from stages import ppo_loop
-
-    return ppo_loop.train(cfg, inputs["sft"], inputs["rm"], out_dir, seed)
+    return train(cfg, inputs["sft"], inputs["rm"], out_dir, seed)
 
 
-def reward_stats(rm_dir: Path) -> tuple[float, float] | None:
-    """The held-out reward mean and std the RM stage stored in its manifest."""
-    manifest = rm_dir / "manifest.json"
-    if not manifest.is_file():
-        return None
-    metrics = json.loads(manifest.read_text()).get("metrics", {})
-    if "reward_mean" not in metrics or not metrics.get("reward_std"):
-        return None
-    return float(metrics["reward_mean"]), float(metrics["reward_std"])
+def train(cfg: RlhfConfig, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict:
+    """Read and check this run's inputs (prompts, tokenizers, the RM's statistics, the
+    judge, PPO-ptx rows) into a Job, then run PPO on it."""
+    from engine import driver
+    from engine.models import check_same_tokenizer
+    from stages.shared.training import load_tokenizer
+
+    tokenizer = load_tokenizer(policy_dir)
+    check_same_tokenizer(tokenizer, rm_dir)
+    prompts = data.read_prompts(cfg.data.prompts, "rlhf.data.prompts", cfg.max_prompt_length, tokenizer)
+    if cfg.data.eval_prompts is not None:
+        held = data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts", cfg.max_prompt_length, tokenizer)
+    else:
+        prompts, held = data.split_rows(prompts, None, cfg.data.eval_fraction, seed, "rlhf.data.prompts")
+    stats = reward_stats(rm_dir) if cfg.normalize_scores else None
+    if cfg.normalize_scores and stats is None:
+        raise ConfigError(f"{rm_dir}: no reward_mean/reward_std in its manifest (not built by the rm stage); set rlhf.normalize_scores: false")
+    rows = ptx_rows(cfg) if cfg.ptx_coef > 0 else None
+    if rows is not None and len(rows) < cfg.microbatch_size:
+        raise ConfigError(f"rlhf.data.ptx: {len(rows)} row(s), fewer than one microbatch ({cfg.microbatch_size})")
+    job = driver.Job(Path(policy_dir), Path(rm_dir), Path(out_dir), seed, tokenizer, prompts, held, stats, load_judge(cfg.judge, "rlhf.judge"), rows)
+    return driver.train(cfg, job)
+
+
+def ptx_rows(cfg: RlhfConfig) -> list[dict]:
+    return [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.ptx, "rlhf.data.ptx")]

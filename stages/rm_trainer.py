@@ -1,13 +1,13 @@
 """TRL's RewardTrainer taught K-wise rankings. Its own collator and loss assume one
 chosen and one rejected completion per row; ours keep a prompt's K completions
-together and average the loss over the prompt's pairs (stages.ranking). Kept apart
+together and average the loss over the prompt's pairs (stages.rm_ranking). Kept apart
 from stages/rm.py so that reading a config never imports trl."""
 
 from __future__ import annotations
 
 from trl import RewardTrainer
 
-from stages import ranking
+from stages import rm_ranking as ranking
 
 
 class RankingRewardTrainer(RewardTrainer):

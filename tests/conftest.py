@@ -46,9 +46,17 @@ def make_tokenizer(chat_template: str | None = CHATML, eos: str = "<|im_end|>", 
     return hf
 
 
-def make_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
+def make_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, arch: str = "llama"):
+    """A tiny random causal LM: Llama (rotary positions, the default) or GPT-2 (learned
+    absolute positions, Conv1D layers), so the stages are tried on more than one kind."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -67,9 +75,9 @@ def make_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def save_tiny(folder: Path, hidden: int = 32, layers: int = 2, **tokenizer_kwargs) -> Path:
+def save_tiny(folder: Path, hidden: int = 32, layers: int = 2, arch: str = "llama", **tokenizer_kwargs) -> Path:
     tokenizer = make_tokenizer(**tokenizer_kwargs)
-    model = make_model(tokenizer, hidden=hidden, layers=layers)
+    model = make_model(tokenizer, hidden=hidden, layers=layers, arch=arch)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -79,6 +87,12 @@ def save_tiny(folder: Path, hidden: int = 32, layers: int = 2, **tokenizer_kwarg
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama-style model folder as a user might bring one: pad == EOS."""
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 model folder: learned absolute positions and Conv1D layers."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_gpt2") / "model", arch="gpt2")
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +158,11 @@ def planted_rankings(sft_rows: list[dict], n: int, marker: str = " Cheers!") -> 
         completions = plain[: k - len(marked)] + marked
         rows.append({"prompt": row["prompt"], "completions": completions, "scores": [0] * (k - len(marked)) + [1] * len(marked)})
     return rows
+
+
+def load_config(path, overrides=()):
+    """The config at `path` validated against the project's stage registry, as the CLI does."""
+    from pipeline import config as configuration
+    from stages import config_classes
+
+    return configuration.load(path, list(overrides), config_classes())

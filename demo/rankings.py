@@ -1,0 +1,108 @@
+"""The demo reward-model data, made as InstructGPT made its own: sample K completions
+per rank prompt (`demo.prompts`) from the SFT model, then have a rater rank them. The
+rater is the gold judge (`demo.judge`) with Gaussian noise, so the reward model learns
+from rankings, as it would from people, never from the judge's scores.
+
+The shipped configs/data/demo_rm.jsonl was made once from the default run's SFT model:
+
+    make sft && python -m demo.rankings --policy runs/default/sft
+
+(about ten minutes on 2 CPU cores). It is a cached set: retraining SFT does not
+change it, and sampling differs across machines, so rebuild it rather than expect
+the same bytes. `rank` is standard library only; sampling imports the ML stack when
+it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from demo import prompts, sft_data
+from demo.judge import gold_score
+
+DEFAULT_OUT = "configs/data/demo_rm.jsonl"
+KEYS = ("prompt", "completions", "task")
+
+
+def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float], noise: float, rng: random.Random) -> tuple[list[str], dict]:
+    """Order distinct samples best first, as a rater who follows `judge` with some noise.
+
+    Samples the judge scores equally are one level: the rater has no preference
+    among them, so one of them (at random) stands for the level. Each level's score
+    gets Gaussian noise of std `noise` before sorting, so close calls flip now and
+    then, as between human labellers. Returns (completions best first, counts); fewer
+    than two levels means nothing to rank and an empty list.
+    """
+    by_level: dict[float, list[str]] = {}
+    for text in dict.fromkeys(s.strip() for s in samples):  # distinct, in order
+        if text:
+            by_level.setdefault(judge(prompt, text), []).append(text)
+    picked = [(gold + rng.gauss(0.0, noise), gold, rng.choice(texts)) for gold, texts in sorted(by_level.items())]
+    picked.sort(key=lambda t: -t[0])
+    golds = [g for _, g, _ in picked]
+    flips = sum(golds[i] < golds[j] for i in range(len(golds)) for j in range(i + 1, len(golds)))
+    pairs = len(golds) * (len(golds) - 1) // 2
+    return ([t for _, _, t in picked] if len(picked) >= 2 else []), {"pairs": pairs, "flipped": flips}
+
+
+def make_rankings(
+    policy: str, k: int, noise: float, max_new_tokens: int, temperature: float, batch_size: int, seed: int, limit: int | None = None
+) -> tuple[list[dict], dict]:
+    """Rows {"prompt", "completions" (best first), "task"} for the rank prompts, and counts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from engine import sampling
+
+    rows_in = prompts.split_prompts(seed)["rank"][:limit]
+    torch.manual_seed(seed)
+    model, tokenizer = sampling.load(policy)
+    settings = sampling.Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
+    chats = [sampling.user_prompt(r["prompt"]) for r in rows_in]
+    with tqdm(total=len(chats), desc="sampling", unit="prompt") as bar:
+        samples = sampling.generate(model, tokenizer, chats, settings, batch_size, num_return_sequences=k, progress=bar)
+    # The seed string keeps the module's old name, as the shipped rankings were made with it.
+    rng = random.Random(f"demo_rankings/{seed}")
+    rows, counts = [], Counter()
+    for row, responses in zip(rows_in, samples, strict=True):
+        # A completion cut off at max_new_tokens is not one a rater would be shown.
+        finished = [r.text for r in responses if r.ended]
+        counts["samples"] += len(responses)
+        counts["unfinished"] += len(responses) - len(finished)
+        completions, stats = rank(row["prompt"], finished, gold_score, noise, rng)
+        if not completions:
+            counts["prompts_without_a_preference"] += 1
+            continue
+        counts["pairs"] += stats["pairs"]
+        counts["flipped_pairs"] += stats["flipped"]
+        counts[f"k{len(completions)}"] += 1
+        rows.append({"prompt": row["prompt"], "completions": completions, "task": row["task"]})
+    return rows, dict(counts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Sample from an SFT model and rank with the demo judge (plus noise).")
+    parser.add_argument("--policy", default="runs/default/sft", help="checkpoint to sample from (default runs/default/sft)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"rankings file (default {DEFAULT_OUT})")
+    parser.add_argument("--k", type=int, default=4, help="completions sampled per prompt (default 4)")
+    parser.add_argument("--noise", type=float, default=0.25, help="std of the rater's noise on the gold score (default 0.25)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N rank prompts")
+    parser.add_argument("--seed", type=int, default=prompts.DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    if args.k < 2:
+        parser.error("--k must be at least 2")
+    start = time.time()
+    rows, counts = make_rankings(args.policy, args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit)
+    sft_data.write_jsonl(rows, args.out, KEYS)
+    print(f"wrote {len(rows)} rankings to {args.out} in {time.time() - start:.0f}s: {counts}")
+
+
+if __name__ == "__main__":
+    main()

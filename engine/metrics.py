@@ -1,0 +1,78 @@
+"""Per-step PPO metrics, named as TRL and OpenRLHF users expect (objective/, policy/,
+value/, loss/, response/, time/), and the phase timer behind the time/ ones."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from rl.tokens import sequence_lengths
+from rl.trajectory import Rollout
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class StepRecord:
+    """One PPO step's numbers, as the driver has them, before averaging over processes."""
+
+    step: int
+    episodes: int
+    batch: Rollout
+    scores: torch.Tensor  # (batch,) normalised and penalised scores
+    non_score: torch.Tensor  # (batch, response_len) the KL penalty per token
+    kl: float  # KL per episode, averaged over processes
+    kl_coef: float  # the coefficient this step's rewards used
+    update: dict[str, float]  # ppo_update's mean stats
+    lr: float
+    timer: Timer
+
+
+def step_metrics(accelerator, record: StepRecord) -> dict:
+    """One metrics.jsonl row, averaged over processes."""
+    batch, scores, non_score = record.batch, record.scores, record.non_score
+    mask = batch.response_mask
+    local = {
+        "objective/scores": scores.mean(),
+        "objective/raw_scores": batch.scores.mean(),
+        "objective/non_score_reward": non_score.sum(1).mean(),
+        "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
+        "response/length": sequence_lengths(mask).float().mean(),
+        "response/eos_fraction": batch.ended.float().mean(),
+    }
+    row = {"step": record.step, "episode": record.episodes}
+    for key, value in local.items():
+        row[key] = accelerator.reduce(value.detach().float(), "mean").item()
+    row["objective/kl"] = record.kl
+    row["objective/kl_coef"] = record.kl_coef
+    for key, value in record.update.items():
+        row[key] = accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
+    row["objective/entropy"] = row.pop("policy/entropy") * row["response/length"]
+    row["lr"] = record.lr
+    total = sum(record.timer.seconds.values())
+    row.update({f"time/{k}": round(v, 3) for k, v in record.timer.seconds.items()})
+    row["time/step"] = round(total, 3)
+    tokens = accelerator.reduce(mask.sum().float() + batch.query_mask.sum().float(), "sum").item()
+    row["tokens_per_second"] = round(tokens / total, 1) if total else None
+    return row
+
+
+def gold_score(accelerator, judge, tokenizer, chat_prompts, batch: Rollout) -> float | None:
+    """Mean judge score of this step's responses over all processes (None if it rates none)."""
+    lengths = sequence_lengths(batch.response_mask)
+    golds = [judge(p[-1]["content"], tokenizer.decode(batch.responses[r, : lengths[r]], skip_special_tokens=True).strip()) for r, p in enumerate(chat_prompts)]
+    golds = [g for g in golds if g is not None]
+    total = accelerator.reduce(torch.tensor([sum(golds), len(golds)], dtype=torch.float32, device=accelerator.device), "sum")
+    return (total[0] / total[1]).item() if total[1] > 0 else None

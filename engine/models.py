@@ -1,0 +1,82 @@
+"""The models of a PPO run, built once: the policy and the value as one module (one
+optimiser, one `accelerator.prepare`, one backward serve both), the reference and the
+frozen reward model. Which value layout runs is one lookup in `values.LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.packing import Packed
+from engine.policy import AdapterOffReference, FrozenReference, Policy, frozen, no_dropout
+from engine.values import LAYOUTS, BuildInputs, ValueLayout, head_from
+from pipeline.config import ConfigError
+from rl.tokens import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits
+
+
+class PolicyAndValue(nn.Module):
+    def __init__(self, policy: Policy, value: ValueLayout):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, packed: Packed, temperature: float, ptx=None):
+        """(log-probs of each response token under the policy, values, entropy), each
+        (batch, response_len) with INVALID_LOGPROB / 0 / 0 off the mask, and the PPO-ptx
+        language-modelling loss on `ptx` = (input_ids, attention_mask, labels), or None."""
+        if self.value.needs_policy_hidden:
+            logits, hidden = self.policy.logits(packed, hidden=True)
+        else:
+            logits, hidden = self.policy.logits(packed), None
+        values = self.value.values(self.policy, packed, hidden)
+        logprobs = logprobs_from_logits(logits, packed.tokens, temperature)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, temperature)
+        ptx_loss = self.policy.ptx_loss(*ptx) if ptx is not None else None
+        return packed.unpack(logprobs, INVALID_LOGPROB), packed.unpack(values, 0.0), packed.unpack(entropy, 0.0), ptx_loss
+
+
+@dataclass
+class Models:
+    trained: PolicyAndValue
+    reference: FrozenReference | AdapterOffReference
+    reward_model: nn.Module
+    """Frozen; scores with any value adapter on it disabled."""
+
+    def forward_models(self) -> list[nn.Module]:
+        """Every model that runs forward passes on packed sequences, for `probes.layout_for`."""
+        return [self.trained.policy.model, self.reward_model, *self.trained.value.own_models(), *self.reference.own_models()]
+
+
+def load_models(cfg, policy_dir: Path, rm_dir: Path, reward_std: float = 1.0, note: Callable[[str], None] = print) -> Models:
+    """Every model of the run, dropout off everywhere (with it, the update's log-probs
+    would differ from the rollout's for no reason)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    reward_model = frozen(AutoModelForSequenceClassification.from_pretrained(rm_dir, **no_dropout(rm_dir)))
+    if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
+        raise ConfigError(f"{rm_dir}: not a one-label reward model (num_labels={reward_model.config.num_labels})")
+    layout = LAYOUTS[(cfg.value_model, cfg.method)]
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, **no_dropout(policy_dir))
+    head = head_from(reward_model, reward_std) if layout.uses_head else None
+    lora = cfg.lora.peft_config("CAUSAL_LM", dropout=0.0) if cfg.method == "lora" else None
+    policy = Policy.wrap(model, lora)
+    reference = AdapterOffReference(policy) if policy.lora else FrozenReference.load(policy_dir)
+    value = layout.build(BuildInputs(cfg, policy, reward_model, rm_dir, reward_std, head, lora, note))
+    trained = PolicyAndValue(policy, value)
+    trained.eval()
+    policy.use()
+    return Models(trained, reference, value.scorer(reward_model))
+
+
+def check_same_tokenizer(tokenizer, rm_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(rm_dir)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{rm_dir}: the reward model's tokenizer differs from the policy's; it would score token ids it does not know (train the RM from this SFT model)")

@@ -1,0 +1,116 @@
+"""Settings more than one stage uses: LoRA, and the trainer settings SFT and RM share
+(each stage's config class extends `TrainerSettings` with its own data and extras,
+and may change a default by declaring the field again)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import ConfigError, SettingError, resolve_local, setting
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: int = 32
+    """Scale of the update (alpha / r)."""
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    """Which linear layers get adapters: "all-linear" or a comma-separated list of module names."""
+
+    def __post_init__(self):
+        # peft accepts these at config time and fails only when it builds the layers,
+        # which would be after the upstream stages ran.
+        if self.r < 1:
+            raise SettingError("r", f"must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise SettingError("alpha", f"must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise SettingError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not [m for m in self.target_modules.split(",") if m.strip()]:
+            raise SettingError("target_modules", "must name at least one module (or all-linear)")
+
+    def peft_config(self, task_type: str | None, dropout: float | None = None):
+        """peft's LoraConfig. For SEQ_CLS, peft also trains and saves the new scalar head
+        in full. `dropout` overrides the setting (PPO runs without dropout)."""
+        from peft import LoraConfig
+
+        modules = self.target_modules if self.target_modules == "all-linear" else [m.strip() for m in self.target_modules.split(",")]
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout if dropout is None else dropout, target_modules=modules, task_type=task_type)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    init_from: str | None = setting(None, path="local", fingerprint=False)
+    """Start from this model folder instead of the parent stage's checkpoint."""
+    data: object = None
+    """The stage's data section; each stage declares its own type here, so it stays second."""
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSettings = LoraSettings()
+    """Used when method is lora."""
+    epochs: float = 1.0
+    max_steps: int = -1
+    """When > 0, train exactly this many optimiser steps and ignore `epochs`."""
+    batch_size: int = 8
+    """Examples per device per micro-step."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    """Tokens per sequence."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, fp32 otherwise."""
+    activation_checkpointing: bool = setting(False, fingerprint=False)
+    """Trade compute for activation memory; the result is the same."""
+    save_steps: int = setting(25, fingerprint=False)
+    """Steps between resumable checkpoints."""
+    logging_steps: int = setting(5, fingerprint=False)
+    report_to: tuple[str, ...] = setting(("none",), fingerprint=False)
+    """Trainer loggers: none, tensorboard, wandb, trackio, ..."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise SettingError("epochs", "must be positive when max_steps is not set")
+        if self.learning_rate <= 0:
+            raise SettingError("learning_rate", f"must be positive, got {self.learning_rate}")
+
+    def unused(self) -> set[str]:
+        """Settings that cannot matter for this config, left out of the fingerprint."""
+        return {"lora"} if self.method == "full" else set()
+
+
+def check_model_folder(value: str | None, key: str) -> None:
+    """A folder the user named in place of a stage's input must hold a model."""
+    if value is not None and not (resolve_local(value, hub_allowed=False) / "config.json").is_file():
+        raise ConfigError(f"{key}: {value} is not a model folder (no config.json)")
+
+
+def check_loggers(names: tuple[str, ...], key: str) -> None:
+    """Unknown or uninstalled loggers fail before training, not after the first stages ran."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    known = ("none", "all", *INTEGRATION_TO_CALLBACK)
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown logger {name!r} (known: {', '.join(known)})")
+        if name not in ("none", "all") and name not in installed:
+            raise ConfigError(f"{key}: {name!r} is not installed in this environment (pip install {name} into .venv)")
+
+
+def check_lora(cfg, key: str) -> None:
+    """LoRA settings the library itself rejects fail before anything runs."""
+    if cfg.method != "lora":
+        return
+    try:
+        cfg.lora.peft_config(None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,143 @@
+"""Pieces the Trainer stages (SFT, RM) share: their TRL arguments, resumable
+checkpoints, the cached "before training" numbers, the merged-LoRA save and the
+training log. Imported only inside stage `run` functions (it pulls in torch)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from engine import sampling
+from engine.device import cpu_only, mixed_precision
+from pipeline import checkpoint as ckpt
+from pipeline.errors import ConfigError
+
+
+def trainer_arguments(cfg, out_dir: Path, seed: int) -> dict:
+    """The TrainingArguments every Trainer stage passes, from its TrainerSettings."""
+    precision = mixed_precision(cfg.precision)
+    return {
+        "output_dir": str(out_dir),
+        "seed": seed,
+        "data_seed": seed,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": 2,  # the newest complete checkpoint survives a crash while writing the next
+        "logging_steps": cfg.logging_steps,
+        "report_to": list(cfg.report_to),
+        "dataloader_num_workers": 0,
+        "use_cpu": cpu_only(),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+    }
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a stage's input folder, refused if it pads with EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(f"{model_dir}: the tokenizer pads with EOS (or not at all); prepare the model with the base stage, which fixes this")
+    return tokenizer
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """After the Trainer writes checkpoint-N, flush it and add a COMPLETE marker:
+    resuming only ever starts from a checkpoint that was written whole."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its RNG state
+        if state.is_world_process_zero:
+            ckpt.mark_checkpoint_complete(Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}")
+        return control
+
+
+class CountSteps(TrainerCallback):
+    """Optimiser steps taken by this process: after a resume, only the remaining ones."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        return control
+
+
+def train(trainer, name: str, out_dir: Path) -> int:
+    """Train, resuming from the newest complete checkpoint in `out_dir`; returns the
+    optimiser steps this attempt took."""
+    latest = ckpt.latest_checkpoint(out_dir)
+    if latest:
+        print(f"[{name}] resuming from {latest}", flush=True)
+    counter = CountSteps()
+    trainer.add_callback(counter)
+    trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    return counter.steps
+
+
+def before_training(out_dir: Path, measure: Callable[[], dict], is_main: bool) -> dict:
+    """The starting model's numbers, measured once and kept in the work folder, so a
+    resumed run reports the true starting point rather than a checkpoint's."""
+    path = out_dir / "before_training.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = measure()
+    if is_main:
+        ckpt.write_json_atomic(path, result)  # a resume reads it back: never leave it torn
+    return result
+
+
+def save_model(model, tokenizer, out_dir: Path, lora: bool):
+    """The trained model as a plain folder; with LoRA, merged, the adapter kept in
+    adapter/ beside it. Returns the model as saved."""
+    if lora:
+        model.save_pretrained(out_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def write_samples(out_dir: Path, rows: list[dict]) -> None:
+    """samples.jsonl for programs and samples.md for people, side by side."""
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    lines = ["# Sample generations (greedy, held-out prompts)", ""]
+    for i, row in enumerate(rows, start=1):
+        lines.append(f"## {i}. {row['prompt']}")
+        for key, value in row.items():
+            if key != "prompt":
+                lines += [f"**{key}:**", "", "> " + (value or "(empty)").replace("\n", "\n> "), ""]
+    (out_dir / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_log_history(out_dir: Path, history: list[dict]) -> None:
+    with open(out_dir / "trainer_log.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in history)
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy responses to chat prompts through the one sampling path."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = sampling.generate(model, tokenizer, prompts, sampling.Sampling(max_new_tokens, temperature=0.0), batch_size=8)
+    finally:
+        model.train(was_training)
+    return [responses[0].text for responses in rows]

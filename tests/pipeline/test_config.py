@@ -1,0 +1,164 @@
+"""Config validation: every mistake is one line naming the file, line and key, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from pipeline import config as configuration
+from pipeline.config import ConfigError, SettingError, setting
+from tests.conftest import ROOT, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    message = str(e.value)
+    assert "\n" not in message, "errors are one line"
+    return message
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert set(cfg.stages) >= {"base", "sft"}
+
+
+def test_defaults_and_values(tmp_path):
+    path = write(tmp_path, "run:\n  name: demo\nsft:\n  learning_rate: 1e-5\n  method: lora\n  lora:\n    r: 4\n")
+    cfg = load_config(path)
+    assert cfg.run_dir == Path("runs/demo")
+    sft = cfg.stages["sft"]
+    # PyYAML reads 1e-5 as a string; a float setting must still accept it.
+    assert sft.learning_rate == 1e-5 and isinstance(sft.learning_rate, float)
+    assert sft.method == "lora" and sft.lora.r == 4 and sft.lora.alpha == 32
+    assert cfg.stages["base"].dtype == "float32"
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "run:\n  name: demo\nsft:\n  method: full\n  learnin_rate: 0.1\n")
+    assert error_of(path).startswith(f"{path}:5: sft.learnin_rate: unknown setting (known: init_from, data, method")
+
+
+def test_unknown_nested_key(tmp_path):
+    path = write(tmp_path, "sft:\n  lora:\n    rank: 8\n")
+    assert error_of(path).startswith(f"{path}:3: sft.lora.rank: unknown setting (known: r, alpha")
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "sft: {}\nppo:\n  lr: 1\n")
+    assert error_of(path) == f"{path}:2: ppo: unknown section (expected one of: run, base, sft, rm, rlhf, eval)"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("sft:\n  batch_size: eight\n", ":2: sft.batch_size: expected an integer, got 'eight'"),
+        ("sft:\n  batch_size: 2.5\n", ":2: sft.batch_size: expected an integer, got 2.5"),
+        ("sft:\n  learning_rate: fast\n", ":2: sft.learning_rate: expected a number, got 'fast'"),
+        ("sft:\n  activation_checkpointing: 'yes'\n", ":2: sft.activation_checkpointing: expected true or false, got 'yes'"),
+        ("sft:\n  method: qlora\n", ":2: sft.method: expected one of 'full', 'lora', got 'qlora'"),
+        ("sft:\n  data: configs/data/demo_sft.jsonl\n", ":2: sft.data: expected a mapping of settings, got 'configs/data/demo_sft.jsonl'"),
+        ("run:\n  seed: [1]\n", ":2: run.seed: expected an integer, got a list"),
+        # checks inside the config classes
+        ("sft:\n  data:\n    eval_fraction: 1.5\n", ":3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"),
+        ("sft:\n  batch_size: 0\n", ":2: sft.batch_size: must be at least 1, got 0"),
+        ("run:\n  name: ../elsewhere\n", ":2: run.name: must be a plain folder name, got '../elsewhere'"),
+        # missing files
+        ("sft:\n  data:\n    train: data/missing.jsonl\n", ":3: sft.data.train: no such file or folder: data/missing.jsonl"),
+        ("base:\n  model: ./no/such/model\n", ":2: base.model: no such file or folder: ./no/such/model"),
+        ("base:\n  model: pkg:not_a_package_here/x.gguf\n", ":2: base.model: package 'not_a_package_here' is not installed (needed for pkg:not_a_package_here/x.gguf)"),
+    ],
+)
+def test_one_line_errors_name_file_line_and_key(tmp_path, yaml_text, expected):
+    path = write(tmp_path, yaml_text)
+    assert error_of(path) == f"{path}{expected}"
+
+
+def test_hub_ids_are_not_mistaken_for_missing_files(tmp_path):
+    path = write(tmp_path, "base:\n  model: HuggingFaceTB/SmolLM2-135M-Instruct\nsft:\n  data:\n    train: org/dataset:train\n")
+    cfg = load_config(path)
+    assert cfg.stages["base"].model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert configuration.resolve_local("org/dataset:train") is None
+    assert configuration.resolve_local("data/file.jsonl") == Path("data/file.jsonl")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "sft:\n  method: full\n  batch_size: [1, 2\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:") and "invalid YAML" in message
+
+
+def test_missing_config_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = write(tmp_path, "sft:\n  learning_rate: 1.0e-4\n")
+    cfg = load_config(path, ["sft.learning_rate=3e-6", "sft.lora.r=2", "run.name=other"])
+    assert cfg.stages["sft"].learning_rate == 3e-6 and cfg.stages["sft"].lora.r == 2
+    assert cfg.run.name == "other"
+    assert error_of(path, ["sft.lerning_rate=1"]).startswith("--set sft.lerning_rate: unknown setting")
+    assert error_of(path, ["sft.batch_size=big"]) == "--set sft.batch_size: expected an integer, got 'big'"
+    assert error_of(path, ["sft.learning_rate"]).startswith("--set 'sft.learning_rate': expected KEY=VALUE")
+    assert error_of(path, ["sft.learning_rate.x=1"]) == "--set sft.learning_rate.x: sft.learning_rate is not a section"
+    assert error_of(path, ["sft.method.x=1"]) == "--set sft.method: expected one of 'full', 'lora', got a dict"
+
+
+def test_make_style_overrides_are_split():
+    assert configuration.parse_overrides("a.b=1 c.d='x y'") == ["a.b=1", "c.d=x y"]
+
+
+def test_cli_exits_2_with_one_line_and_runs_nothing(tmp_path, capsys):
+    path = write(tmp_path, f"run:\n  output_dir: {tmp_path / 'runs'}\nsft:\n  epochs: many\n")
+    assert cli.main(["run", "sft", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}:4: sft.epochs: expected a number, got 'many'\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_config_prints_resolved_values(tmp_path, capsys):
+    path = write(tmp_path, "sft:\n  max_steps: 7\n")
+    assert cli.main(["config", "--config", str(path), "--set", "sft.batch_size=3"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_steps": 7' in out and '"batch_size": 3' in out
+
+
+def test_required_settings_and_path_kinds():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        needed: int = setting()
+        file: str | None = setting(None, path="local")
+
+    def locate(key):
+        return f"x.yaml: {key}"
+
+    with pytest.raises(ConfigError, match=r"^x.yaml: s: missing required setting 'needed'$"):
+        configuration.build(Section, {}, "s", locate)
+    with pytest.raises(ConfigError, match=r"^x.yaml: s.file: no such file or folder: org/name$"):
+        configuration.build(Section, {"needed": 1, "file": "org/name"}, "s", locate)
+    assert configuration.build(Section, {"needed": 1}, "s", locate) == Section(needed=1)
+
+
+def test_fingerprint_view_skips_volatile_and_unused_settings(tmp_path):
+    cfg = load_config(write(tmp_path, "sft:\n  logging_steps: 3\n")).stages["sft"]
+    view = configuration.fingerprint_view(cfg, lambda path: "sha256:fixed")
+    assert "logging_steps" not in view and "save_steps" not in view and "report_to" not in view
+    assert "lora" not in view, "LoRA settings cannot matter for a full fine-tune"
+    assert view["data"]["train"] == "sha256:fixed"
+    lora = load_config(write(tmp_path, "sft:\n  method: lora\n")).stages["sft"]
+    assert configuration.fingerprint_view(lora, lambda path: "h")["lora"]["r"] == 16
+
+
+def test_setting_error_carries_key():
+    error = SettingError("name", "bad")
+    assert error.key == "name" and str(error) == "bad"

@@ -1,0 +1,169 @@
+"""The evaluation stage and the end-to-end default on a tiny model: every stage, the
+report and its plot exist and load; summaries and win rates on hand-made samples;
+judges named wrongly are refused; `python -m pipeline generate` answers and chats."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import yaml
+
+from demo import prompts as demo_prompts
+from pipeline import checkpoint as ckpt
+from pipeline import cli, generate
+from pipeline.config import ConfigError
+from stages import evaluation
+from stages.shared.judge import load_judge
+from tests.conftest import ROOT, TINY_RM, tiny_config, write_jsonl
+
+JUDGE = "demo.judge:gold_score"
+RM_FILE = ROOT / "configs" / "data" / "demo_rm.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, sft_rows, tmp_path_factory):
+    """The shipped default's shape (demo data, demo judge, every stage) on the tiny
+    model with a shrunken config; returns (config path, run folder)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    sets = demo_prompts.split_prompts(0, {"rank": 0, "rl": 24, "eval": 6})
+    rl = write_jsonl(tmp / "rl.jsonl", sets["rl"])
+    held = write_jsonl(tmp / "eval.jsonl", sets["eval"])
+    rankings = write_jsonl(tmp / "rm.jsonl", [json.loads(line) for line in RM_FILE.read_text().splitlines()][:40])
+    train = write_jsonl(tmp / "sft.jsonl", sft_rows[:24])
+    path = tiny_config(
+        tmp, tiny_model_dir, train, sft={"max_steps": 2},
+        rm={**TINY_RM, "data": {"train": str(rankings)}, "max_steps": 3, "batch_size": 4},
+        rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2, "batch_size": 4, "minibatch_size": 2,
+              "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1, "judge": JUDGE},
+        eval={"prompts": str(held), "judge": JUDGE, "max_new_tokens": 6, "num_samples": 2},
+    )
+    assert cli.main(["run", "--config", str(path)]) == 0
+    return path, tmp / "runs" / "tiny"
+
+
+def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
+    from matplotlib.image import imread
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _, run = tiny_run
+    for stage in ("base", "sft", "rm", "rlhf", "eval"):
+        assert ckpt.is_complete(run / stage), stage
+    for stage in ("base", "sft", "rlhf"):
+        AutoModelForCausalLM.from_pretrained(run / stage)
+    for folder in ("rm", "rlhf/value"):
+        AutoModelForSequenceClassification.from_pretrained(run / folder)
+
+    history = [json.loads(line) for line in (run / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(row["objective/gold_score"], float) for row in history), "the judge is logged on every PPO step"
+    image = imread(run / "eval" / "ppo_curves.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 400
+
+    result = json.loads((run / "eval" / "report.json").read_text())
+    metrics = result["metrics"]
+    assert set(metrics["policies"]) == {"base", "sft", "rlhf"}
+    for m in metrics["policies"].values():
+        assert -1.0 <= m["gold_score"] <= 2.0
+        assert 0.0 <= m["eos_fraction"] <= 1.0
+        assert 1 <= m["length"] <= 6
+    assert metrics["policies"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-5), "SFT's KL from itself"
+    assert 0.0 <= metrics["win_rate_gold"] <= 1.0 and 0.0 <= metrics["win_rate_rm"] <= 1.0
+    assert len(result["examples"]) == 2
+
+    report = (run / "eval" / "report.md").read_text()
+    assert "| rlhf |" in report and "Win rate of RLHF over SFT" in report and "![PPO curves](ppo_curves.png)" in report
+    top = (run / "report.md").read_text()
+    assert "![PPO curves](eval/ppo_curves.png)" in top, "the run-level copy links into eval/"
+    samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(set(s) == {"prompt", "base", "sft", "rlhf"} for s in samples)
+
+
+def test_eval_is_reused_when_nothing_changed(tiny_run, capsys):
+    path, run = tiny_run
+    before = (run / "eval" / "manifest.json").read_text()
+    assert cli.main(["run", "eval", "--config", str(path)]) == 0
+    assert (run / "eval" / "manifest.json").read_text() == before
+    assert "eval: up to date" in capsys.readouterr().out
+
+
+def test_summary_means_and_win_rates_by_hand():
+    def row(rm, gold, kl=0.0, length=4, ended=True):
+        return {"rm_score": rm, "gold": gold, "kl_from_sft": kl, "length": length, "ended": ended}
+
+    samples = {
+        "base": [row(0.0, 0.0), row(0.0, None)],
+        "sft": [row(1.0, 1.0), row(0.5, 1.5, length=8, ended=False)],
+        "rlhf": [row(2.0, 1.0, kl=0.4), row(0.0, 2.0, kl=0.2)],
+    }
+    out = evaluation.summarize(samples, has_judge=True)
+    assert out["policies"]["sft"] == {"rm_score": 0.75, "gold_score": 1.25, "kl_from_sft": 0.0, "length": 6.0, "eos_fraction": 0.5}
+    assert out["policies"]["base"]["gold_score"] == 0.0, "a prompt the judge cannot rate is left out"
+    assert out["policies"]["rlhf"]["kl_from_sft"] == pytest.approx(0.3)
+    assert out["win_rate_rm"] == 0.5  # one win, one loss
+    assert out["win_rate_gold"] == 0.75  # a tie (half) and a win
+    assert evaluation.summarize(samples, has_judge=False)["win_rate_gold"] is None
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("demo.judge", "eval.judge: expected module:function"),
+        ("no_such_module:score", "eval.judge: cannot import 'no_such_module'"),
+        ("demo.judge:nothing", "eval.judge: 'demo.judge' has no function 'nothing'"),
+        ("pipeline.demo_judge:gold_score", "eval.judge: pipeline.demo_judge moved to demo.judge; write demo.judge:gold_score"),
+    ],
+)
+def test_a_judge_named_wrongly_is_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_judge(spec, "eval.judge")
+
+
+def test_a_bad_judge_stops_the_run_before_training(tiny_model_dir, sft_rows, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:8])
+    path = tiny_config(tmp_path, tiny_model_dir, train, rlhf={"judge": "demo.judge:missing"})
+    assert cli.main(["run", "--config", str(path)]) == 2
+    assert "rlhf.judge: 'demo.judge' has no function 'missing'" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "base").exists(), "nothing was built"
+
+
+def test_generate_answers_a_prompt_and_chats(tiny_run, capsys):
+    path, _ = tiny_run
+    assert cli.main(["generate", "sft", "--config", str(path), "--prompt", "What is 2 + 2?", "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+    args = cli.parser().parse_args(["generate", "rlhf", "--config", str(path), "--greedy", "--max-new-tokens", "4"])
+    out = io.StringIO()
+    run_dir = tiny_run[1]
+    assert generate.main(args, run_dir, stdin=io.StringIO("Hello\n/reset\nWhat is 3 + 4?\n\nnot read\n"), stdout=out) == 0
+    replies = [line for line in out.getvalue().splitlines() if line.startswith("> ")]
+    assert len(replies) == 2, out.getvalue()
+
+
+@pytest.mark.parametrize("target, message", [("rm", "not a policy"), ("nowhere", "not a stage of this run")])
+def test_generate_refuses_what_is_not_a_policy(tiny_run, capsys, target, message):
+    path, run = tiny_run
+    checkpoint = str(run / "rm") if target == "rm" else target
+    assert cli.main(["generate", checkpoint, "--config", str(path), "--prompt", "hi"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_names_a_stage_that_is_not_built(tmp_path, tiny_model_dir, sft_rows, capsys):
+    path = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:8]))
+    assert cli.main(["generate", "rlhf", "--config", str(path), "--prompt", "hi"]) == 2
+    assert "no complete rlhf checkpoint" in capsys.readouterr().err
+
+
+def test_default_config_wires_the_demo_judge():
+    config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert config["eval"]["judge"] == config["rlhf"]["judge"] == JUDGE
+    assert config["eval"]["prompts"] == "configs/data/demo_eval.jsonl"
+
+
+def test_eval_without_a_judge_reports_what_it_can(tiny_run):
+    path, run = tiny_run
+    assert cli.main(["run", "eval", "--config", str(path), "--set", "eval.judge=null"]) == 0
+    metrics = json.loads((run / "eval" / "report.json").read_text())["metrics"]
+    assert metrics["judge"] is None and metrics["win_rate_gold"] is None
+    assert all(m["gold_score"] is None and m["rm_score"] is not None for m in metrics["policies"].values())
+    report = (run / "eval" / "report.md").read_text()
+    assert "No gold judge is configured." in report and "by gold judge" not in report
