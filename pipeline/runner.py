@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, ConfigError, as_dict, fingerprint_view, local_paths, resolve_local
+from pipeline.config import Config, as_dict, fingerprint_view, local_paths, resolve_local
+from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.stage import Stage
 
 
@@ -262,6 +263,11 @@ class Runner:
             step = ckpt.latest_checkpoint(partial)
             where = f"step {ckpt.checkpoint_step(step)}" if step else "its start (no checkpoint was saved yet)"
             self.log(f"\n[pipeline] {name}: interrupted; run the same command again to resume from {where}")
+            raise
+        except TrainingDiverged:
+            step = ckpt.latest_checkpoint(partial)
+            kept = f"its last good checkpoint (step {ckpt.checkpoint_step(step)}) is kept in {partial}" if step else f"no checkpoint was saved yet ({partial})"
+            self.log(f"[pipeline] {name}: diverged; {kept}")
             raise
         except ConfigError:
             # The stage refused its input before training: leave no folder behind

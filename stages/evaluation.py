@@ -98,7 +98,8 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     reference = causal_lm(inputs["sft"])
     samples: dict[str, list[dict]] = {}
     for name in POLICIES:
-        policy = reference if name == "sft" else causal_lm(inputs[name])
+        # SFT too is loaded apart from the reference, so its KL of ~0 is measured, not assumed.
+        policy = causal_lm(inputs[name])
         # Asked per policy: a policy folder may hold another architecture than the SFT model.
         layout = layout_for(policy, reference, reward_model, note=note)
         torch.manual_seed(seed)  # every policy draws from the same random stream
@@ -106,8 +107,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         for row, text in zip(samples[name], texts, strict=True):
             row["gold"] = judge(text, row["response"]) if judge else None
         print(f"[eval] {name}: {len(prompts)} responses sampled and scored")
-        if policy is not reference:
-            del policy
+        del policy
 
     metrics = summarize(samples, has_judge=judge is not None)
     metrics["prompts"] = len(prompts)

@@ -166,3 +166,78 @@ def load_config(path, overrides=()):
     from stages import config_classes
 
     return configuration.load(path, list(overrides), config_classes())
+
+
+# ---------------------------------------------------------------- PPO: a policy, a planted reward model, prompts
+
+PLANTED = "Cheers"
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after the base stage, standing in for an SFT checkpoint."""
+    from stages import base
+
+    out = tmp_path_factory.mktemp("policy")
+    base.run(base.BaseConfig(model=str(tiny_model_dir)), {}, out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def planted_rm(policy_dir, tmp_path_factory):
+    """A reward model that scores a response by its last token's embedding along the
+    planted token's: its two layers add nothing to the residual stream (zero output
+    projections), so the score is a fixed function of that token, highest for the
+    planted one. The layers are there for a value adapter to sit on."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    planted = tokenizer(PLANTED, add_special_tokens=False)["input_ids"][0]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        direction = model.model.embed_tokens.weight[planted]
+        model.score.weight.copy_(4 * direction / direction.norm())
+    folder = tmp_path_factory.mktemp("planted_rm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prompts(sft_rows, tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows[:72]])
+
+
+def ppo_config(prompts, **settings):
+    """A small PPO config (stages.rlhf.RlhfConfig) on `prompts`, with `settings` on top."""
+    from stages import rlhf
+
+    values = {
+        "data": rlhf.RlhfData(prompts=str(prompts), eval_fraction=0.125),
+        "steps": 4, "batch_size": 8, "minibatch_size": 4, "microbatch_size": 2, "ppo_epochs": 2,
+        "learning_rate": 3e-3, "max_new_tokens": 6, "temperature": 1.0, "normalize_scores": False,
+        "missing_eos_penalty": 0.0, "save_steps": 2, "sample_steps": 1, "eval_batch_size": 16, "num_samples": 2,
+    }
+    return rlhf.RlhfConfig(**{**values, **settings})
+
+
+def history(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def perturb_adapters(model, seed: int = 0) -> None:
+    """LoRA's B starts at zero (adapters are no-ops); give every adapter a real effect."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)

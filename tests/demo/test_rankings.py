@@ -186,3 +186,12 @@ def test_demo_imports_only_the_standard_library():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_make_rankings_samples_through_the_engine_on_a_real_model(policy_dir):
+    # No stand-ins: the tiny model samples K answers per prompt through engine.sampling.
+    rows, counts = rankings.make_rankings(str(policy_dir), k=3, noise=0.0, max_new_tokens=6, temperature=1.0, batch_size=4, seed=0, limit=6)
+    assert counts["samples"] == 6 * 3
+    assert counts["samples"] - counts["unfinished"] >= sum(len(r["completions"]) for r in rows)
+    for row in rows:
+        assert 2 <= len(row["completions"]) <= 3 and len(set(row["completions"])) == len(row["completions"])

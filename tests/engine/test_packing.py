@@ -115,8 +115,10 @@ def test_a_model_that_ignores_packing_gets_a_row_per_sequence():
     blind = llama()
     blind.model = Blind(blind.config)
     assert probes.packs_sequences(model) and not probes.packs_sequences(blind)
-    assert probes.layout_for(model) == packing.Layout(packing.ROW_TOKENS, share_prefix=True)
-    assert probes.layout_for(model, blind) == packing.Layout(0, share_prefix=False)
+    notes = []
+    assert probes.layout_for(model, note=notes.append) == packing.Layout(packing.ROW_TOKENS, share_prefix=True) and notes == []
+    assert probes.layout_for(model, blind, note=notes.append) == packing.Layout(0, share_prefix=False)
+    assert notes == ["one sequence per row in forward passes: LlamaForCausalLM attends across packed sequences (slower, same numbers)"]
 
 
 def test_a_model_that_drops_custom_masks_packs_without_a_shared_prefix():
@@ -130,7 +132,9 @@ def test_a_model_that_drops_custom_masks_packs_without_a_shared_prefix():
     model = llama()
     model.model = NoMask(model.config)
     assert probes.packs_sequences(model) and not probes.shares_prefix(model)
-    assert probes.layout_for(model) == packing.Layout(packing.ROW_TOKENS, share_prefix=False)
+    notes = []
+    assert probes.layout_for(model, note=notes.append) == packing.Layout(packing.ROW_TOKENS, share_prefix=False)
+    assert len(notes) == 1 and notes[0].startswith("packed without a shared prompt prefix:"), notes
 
 
 def test_the_top_layers_run_alone_from_the_states_entering_them():

@@ -187,3 +187,17 @@ def test_unknown_stage_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "ppo"])
     assert e.value.code == 2
+
+
+def test_a_corrupt_manifest_is_rebuilt_and_says_so_once_in_the_log_and_the_new_manifest(built, capsys):
+    config, run, _ = built
+    (run / "sft" / "manifest.json").write_text('{"stage": "sft", "status": "comp')  # torn by hand or by a disk
+    capsys.readouterr()
+    assert "manifest.json cannot be read" in status_of(config), "status says why sft is not complete"
+    assert run_cli("run", "sft", "--config", str(config)) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "fallback: rebuilt sft:" in line]
+    assert len(lines) == 1 and "manifest.json cannot be read" in lines[0], out
+    rebuilt = manifest(run, "sft")
+    assert rebuilt["status"] == "complete" and len(rebuilt["fallbacks"]) == 1 and rebuilt["fallbacks"][0].startswith("rebuilt sft:")
+    assert manifest(run, "base")["fallbacks"] == [], "base took none"

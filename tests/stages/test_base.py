@@ -122,3 +122,24 @@ def test_manifest_free_output(tiny_model_dir, tmp_path):
     run_base(tiny_model_dir, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in saved
+
+
+def test_a_chat_template_that_cannot_render_is_said_once_and_kept_in_the_manifest(tmp_path, capsys):
+    from pipeline import cli
+    from tests.conftest import tiny_config, write_jsonl
+
+    template = tmp_path / "broken.jinja"
+    # Renders prompts (so generation works) but refuses to render an assistant turn.
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('assistant turns are not supported') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    model = save_tiny(tmp_path / "model")
+    path = tiny_config(tmp_path, model, write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "response": "hello"}] * 4), base={"chat_template": str(template)})
+    assert cli.main(["run", "base", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "fallback: the chat template cannot render" in line]
+    assert len(said) == 1 and "assistant turns are not supported" in said[0], out
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "base" / "manifest.json").read_text())
+    assert len(manifest["fallbacks"]) == 1 and manifest["fallbacks"][0].startswith("the chat template cannot render")

@@ -101,6 +101,12 @@ def test_empty_and_unsupported_files(tmp_path):
     assert error_of(csv) == f"sft.data.train: {csv}: unsupported file type .csv (use .jsonl, .json or .parquet)"
 
 
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"prompt": "a", "response": "b"}\n{"prompt": "caf\u00e9", "response": "ok"}\n'.encode("latin-1"))
+    assert error_of(latin) == f"{latin}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
 def test_hub_dataset_failure_is_one_clear_line(monkeypatch):
     import datasets
 

@@ -1,0 +1,38 @@
+"""`python -m pipeline` for the two-process PPO tests, run under torchrun: it records
+what each process did, its prompt indices at every step and a checksum of its
+trainable weights after every update, in $PPO_RECORD.<rank>.jsonl. Not a test itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from engine import driver
+from pipeline import cli
+
+
+def main() -> int:
+    record = open(f"{os.environ['PPO_RECORD']}.{os.environ['RANK']}.jsonl", "a", encoding="utf-8")
+    prompt_batch, ppo_update = driver.prompt_batch, driver.ppo_update
+
+    def chosen(n_prompts, step, *rest):
+        indices = prompt_batch(n_prompts, step, *rest)
+        record.write(json.dumps({"step": step, "prompts": indices}) + "\n")
+        record.flush()
+        return indices
+
+    def update(learner, *args, **kwargs):
+        stats = ppo_update(learner, *args, **kwargs)
+        params = [p.detach().double() for p in learner.model.parameters() if p.requires_grad]
+        sums = [float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params))]
+        record.write(json.dumps({"weights": sums}) + "\n")
+        record.flush()
+        return stats
+
+    driver.prompt_batch, driver.ppo_update = chosen, update
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
