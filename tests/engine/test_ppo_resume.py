@@ -26,7 +26,7 @@ from stages import rlhf
 from stages.shared.settings import LoraSettings
 from tests.conftest import ROOT, history, tiny_config, write_jsonl
 from tests.conftest import ppo_config as config
-from tests.pipeline.test_resume import start, wait_for_checkpoint
+from tests.pipeline.test_resume import kill_after_checkpoint, start, wait_for_checkpoint
 
 LAYOUTS = {
     "full": {"method": "full"},
@@ -46,12 +46,8 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     killed = tiny_config(tmp_path, tiny_model_dir, train, name="killed", sft={"max_steps": 2}, rlhf=section)
     assert cli.main(["run", "sft", "--config", str(killed)]) == 0
     run = tmp_path / "runs" / "killed"
-    process = start(killed, "rlhf")
-    wait_for_checkpoint(process, ckpt.partial_dir(run, "rlhf"), at_least=6)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert not (run / "rlhf").exists()
-    saved = torch.load(ckpt.latest_checkpoint(ckpt.partial_dir(run, "rlhf")) / "pytorch_model.bin", weights_only=True)
+    partial = kill_after_checkpoint(killed, "rlhf", at_least=6)
+    saved = torch.load(ckpt.latest_checkpoint(partial) / "pytorch_model.bin", weights_only=True)
     if layout == "lora-reward":  # the frozen SFT weights and reward model are inputs, not state
         assert saved and all("lora_" in name or name.startswith("value.head.") for name in saved), sorted(saved)[:5]
 

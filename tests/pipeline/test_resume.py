@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint as ckpt
 from pipeline import cli
-from tests.conftest import ROOT, tiny_config, write_jsonl
+from tests.conftest import ROOT, load_config, tiny_config, write_jsonl
 
 SETTINGS = {"max_steps": 60, "save_steps": 4, "learning_rate": 2e-3, "logging_steps": 4, "num_samples": 1}
 
@@ -46,6 +46,18 @@ def wait_for_checkpoint(process: subprocess.Popen, partial: Path, at_least: int,
         time.sleep(0.02)
     process.kill()
     raise AssertionError("no checkpoint appeared in time")
+
+
+def kill_after_checkpoint(config: Path, stage: str, at_least: int) -> Path:
+    """Run `stage` of `config` in a child process and SIGKILL it once a checkpoint of at
+    least step `at_least` is complete; returns the stage's work folder, which it left."""
+    run = Path(load_config(config).run_dir)
+    process = start(config, stage)
+    wait_for_checkpoint(process, ckpt.partial_dir(run, stage), at_least=at_least)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not (run / stage).exists(), f"a killed {stage} is never promoted"
+    return ckpt.partial_dir(run, stage)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

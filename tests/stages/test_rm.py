@@ -5,18 +5,16 @@ bad rows stop the run before anything trains, LoRA and resume after a kill."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import checkpoint as ckpt
 from pipeline import cli
 from stages import rm
 from stages.shared import preferences
 from tests.conftest import TINY_RM, planted_rankings, tiny_config, write_jsonl
-from tests.pipeline.test_resume import start, wait_for_checkpoint, weights
+from tests.pipeline.test_resume import kill_after_checkpoint, start, weights
 
 
 def rm_config(tmp_path, tiny_model_dir, sft_rows, rows, name="tiny", **settings):
@@ -125,11 +123,7 @@ def test_killed_reward_model_training_resumes_to_the_same_weights(tiny_model_dir
     config = rm_config(tmp_path, tiny_model_dir, sft_rows, rows, name="killed", **settings)
     assert cli.main(["run", "sft", "--config", str(config)]) == 0  # so the kill lands in rm
     run = tmp_path / "runs" / "killed"
-    process = start(config, "rm")
-    wait_for_checkpoint(process, ckpt.partial_dir(run, "rm"), at_least=30)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert not (run / "rm").exists()
+    kill_after_checkpoint(config, "rm", at_least=30)
 
     process = start(config, "rm")
     output, _ = process.communicate(timeout=300)
