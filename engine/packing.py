@@ -134,7 +134,9 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
         rows[-1].append(b)
     width = max(prefix + sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.zeros((len(rows), width), dtype=ids.dtype, device=device)
-    positions = torch.arange(width, device=device).repeat(len(rows), 1)  # the filler counts 0, 1, ...: a sequence of its own
+    # The filler stays at position 0, each token a sequence of its own: counting on would run past
+    # the position table of a model with learned absolute positions (GPT-2).
+    positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     segments = torch.full((len(rows), width), -1, device=device)  # 0: the prefix, k: the row's k-th sequence, -1: filler
     start = [0] * len(lengths)  # flat position of each sequence's first token, had its prefix been laid out with it
     columns = [real[b].nonzero().squeeze(-1) + b * ids.shape[1] for b in range(ids.shape[0])]  # each sequence's real tokens in the flat grid
@@ -156,7 +158,6 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
             place[columns[b][prefix:]] = r * width + offset + torch.arange(n, device=device)
             start[b] = r * width + offset - prefix
             offset += n
-        positions[r, offset:] = torch.arange(width - offset, device=device)
     attention_mask = None
     if prefix:
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()

@@ -154,3 +154,27 @@ def test_the_top_layers_run_alone_from_the_states_entering_them():
     scaled = llama("rm", seed=3)
     scaled.model = Scaled(scaled.config)
     assert not probes.runs_top_layers(scaled, 1)
+
+
+def test_rows_with_filler_stay_within_learned_position_embeddings():
+    """A short last row is filled up to the longest; the filler's position ids must stay
+    within what a model with learned absolute positions (GPT-2) has, or its embedding
+    lookup fails, and the real tokens must read as they do alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=10)).eval()
+    queries, query_mask = packing.pad_sequences([[5, 6, 7], [5, 8, 4], [9]], PAD, "left", "cpu")
+    responses = torch.tensor([[12, 13, 14, 15], [16, 17, 3, 2], [18, 0, 0, 0]])
+    response_mask = torch.tensor([[True] * 4, [True] * 4, [True, False, False, False]])
+    layout = packing.Layout(row_tokens=14, share_prefix=False)  # a row of 7 + 7 tokens, then 2 and 12 of filler
+    packed = packing.pack(queries, query_mask, responses, response_mask, layout)
+    assert packed.input_ids.shape == (2, 14)
+    assert int(packed.position_ids.max()) < 7, packed.position_ids
+    with torch.no_grad():
+        together = rl_tokens.logprobs_from_logits(forward.response_logits(model, packed), packed.tokens)
+        for b in range(3):
+            ids = torch.cat([queries[b][query_mask[b].bool()], responses[b][response_mask[b]]])[None]
+            alone = torch.log_softmax(model(ids).logits[0, -1 - int(response_mask[b].sum()) : -1], -1).gather(-1, ids[0, -int(response_mask[b].sum()) :, None]).squeeze(-1)
+            mine = packed.unpack(together, 0.0)[b][response_mask[b]]
+            torch.testing.assert_close(mine, alone, rtol=1e-5, atol=1e-5)

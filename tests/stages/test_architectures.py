@@ -17,7 +17,9 @@ JUDGE = "demo.judge:gold_score"
 def test_every_stage_runs_on_gpt2_and_says_which_fallbacks_it_took(tiny_gpt2_dir, sft_rows, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    sets = demo_prompts.split_prompts(0, {"rank": 0, "rl": 24, "eval": 6})
+    # 40 held-out prompts: the eval stage packs them into more than one row of 1024 tokens, so a
+    # short last row is filled, and the filler's positions must stay within GPT-2's 256.
+    sets = demo_prompts.split_prompts(0, {"rank": 0, "rl": 24, "eval": 40})
     rl = write_jsonl(tmp_path / "rl.jsonl", sets["rl"])
     held = write_jsonl(tmp_path / "eval.jsonl", sets["eval"])
     rankings = write_jsonl(tmp_path / "rm.jsonl", [json.loads(line) for line in (ROOT / "configs" / "data" / "demo_rm.jsonl").read_text().splitlines()][:24])
