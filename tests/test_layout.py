@@ -4,6 +4,7 @@ functions count), stages independent of one another, files and the RL driver sma
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,19 @@ def test_the_rl_driver_reads_in_functions_of_about_a_screen():
     tree = ast.parse((ROOT / "engine" / "driver.py").read_text())
     long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 60}
     assert not long, long
+
+
+def test_every_file_the_readme_layout_names_exists_where_it_says():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Layout") :].split("```")[1]
+    folder, named = None, []
+    for line in block.splitlines():
+        head = line.split()[0] if line.strip() else ""
+        if head.endswith("/") and not line.startswith(" "):
+            folder = head.rstrip("/")
+        for name in re.findall(r"[\w/]+\.py\b", line):
+            named.append((folder, name))
+    missing = [f"{folder}/{name}" for folder, name in named if not (ROOT / name).exists() and not list((ROOT / folder).rglob(name))]
+    assert named and not missing, missing
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name != "tests"}
+    assert packages <= {folder.rstrip("/") for folder in re.findall(r"^(\w+)/", block, re.M)}, "every package has its line"
