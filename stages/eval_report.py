@@ -73,6 +73,7 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
     ]
     if plots:
         lines += ["## PPO curves", ""] + [f"![PPO curves]({p})" for p in plots] + [""]
+    lines += reward_model_section(metrics.get("reward_model", {}))
     lines += ["## Stages", "", "| stage | wall time | headline settings |", "|---|---|---|"]
     for name, manifest in stages.items():
         seconds = manifest.get("timings", {}).get("seconds")
@@ -86,6 +87,18 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
             gold = "" if row.get("gold") is None else f", gold {row['gold']:.2f}"
             lines += [f"**{name}** (RM {row['rm_score']:+.2f}{gold}):", "", "> " + (row["response"].replace("\n", " ") or "(empty)"), ""]
     return "\n".join(lines)
+
+
+def reward_model_section(rm: dict) -> list[str]:
+    """The reward model's held-out accuracy, by the one criterion a pair differs in (rm.criteria)."""
+    if "accuracy" not in rm:
+        return []
+    lines = ["## Reward model", "", f"Held-out pairwise accuracy {rm['accuracy']:.3f} on {rm['pairs']} pairs."]
+    by = rm.get("accuracy_by_criterion")
+    if by:
+        lines += ["", "| pairs that differ only in | pairs | accuracy |", "|---|---|---|"]
+        lines += [f"| {kind} | {row['pairs']} | {row['accuracy']:.3f} |" for kind, row in by.items()]
+    return lines + [""]
 
 
 def _settings(name: str, config: dict) -> str:

@@ -119,6 +119,8 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     history = _read_jsonl(inputs["rlhf"] / "metrics.jsonl")
     plots = report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
     metrics["eval_seconds"] = round(time.time() - start, 1)
+    rm_eval = _read_json(inputs["rm"] / "eval.json").get("after", {})
+    metrics["reward_model"] = {k: rm_eval[k] for k in ("accuracy", "pairs", "accuracy_by_criterion") if k in rm_eval}
     metrics["fallbacks"] = fallbacks
     stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
     text = report.render(metrics, examples, stages, plots, cfg)
@@ -209,6 +211,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _manifest(folder: Path) -> dict:

@@ -21,6 +21,7 @@ from engine.chat import encode_prompt
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, SettingError, setting
 from stages.shared import data, preferences
+from stages.shared.judge import load_judge
 from stages.shared.settings import TrainerSettings, check_loggers, check_lora, check_model_folder
 
 
@@ -56,6 +57,10 @@ class RmConfig(TrainerSettings):
     """Adds coef * mean(reward^2) to the loss to keep rewards near 0 (0.01 is common; 0 is off)."""
     eval_batch_size: int = setting(8, fingerprint=False)
     """Prompts per forward pass when evaluating."""
+    criteria: str | None = setting(None, fingerprint=False)
+    """A `module:function(prompt, completion) -> dict | None` naming what a rater checks (the demo's
+    is demo.judge:gold_parts): held-out accuracy is also reported by the one criterion a pair's
+    completions differ in. Measurement only; training never sees it."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +74,7 @@ def check(cfg: RmConfig) -> tuple[list, list | None, dict]:
     """Read every row before anything trains: (train, held-out or None, dropped counts)."""
     check_loggers(cfg.report_to, "rm.report_to")
     check_lora(cfg, "rm.lora")
+    load_judge(cfg.criteria, "rm.criteria")
     check_model_folder(cfg.init_from, "rm.init_from")
     train, dropped = preferences.read_rankings(data.read_rows(cfg.data.train, "rm.data.train"), cfg.data.drop_bad_rows)
     held = None
@@ -117,16 +123,32 @@ def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: flo
     }
 
 
-def encode_all(tokenizer, rankings, cfg: RmConfig, dropped: dict) -> list[dict]:
+def encode_all(tokenizer, rankings, cfg: RmConfig, dropped: dict, criteria=None) -> list[dict]:
+    """Every usable ranking encoded; with a `criteria` function (see RmConfig.criteria),
+    each pair also gets its kind: the one criterion its completions differ in."""
     examples = []
     for ranking in rankings:
         try:
-            examples.append(encode(tokenizer, ranking, cfg.max_length, cfg.margin))
+            example = encode(tokenizer, ranking, cfg.max_length, cfg.margin)
+            if criteria is not None:
+                text = ranking.prompt[-1]["content"]
+                parts = [criteria(text, completion) for completion in ranking.completions]
+                example["kinds"] = [pair_kind(parts[i], parts[j]) for i, j in ranking.pairs]
+            examples.append(example)
         except preferences.BadRow as e:
             if not cfg.data.drop_bad_rows:
                 raise
             dropped[e.reason] = dropped.get(e.reason, 0) + 1
     return examples
+
+
+def pair_kind(parts_better: dict | None, parts_worse: dict | None) -> str:
+    """What a pair's two completions differ in, by a criteria function's parts: the one
+    criterion's name, "several", "none", or "unrated" when either has no parts."""
+    if parts_better is None or parts_worse is None:
+        return "unrated"
+    differ = sorted(key for key in parts_better if parts_better[key] != parts_worse.get(key))
+    return differ[0] if len(differ) == 1 else "several" if differ else "none"
 
 
 class RankingCollator:
@@ -172,7 +194,7 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
     model_dir = inputs["sft"]
     tokenizer = training.load_tokenizer(model_dir)
     train = encode_all(tokenizer, train_rankings, cfg, dropped)
-    held = encode_all(tokenizer, held_rankings, cfg, dropped)
+    held = encode_all(tokenizer, held_rankings, cfg, dropped, load_judge(cfg.criteria, "rm.criteria"))
     if not train or not held:
         raise ConfigError(f"rm.data: no usable {'training' if not train else 'held-out'} rankings after dropping bad rows ({dropped})")
     if dropped:
@@ -275,4 +297,5 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_token_id: int) ->
     by_index = dict(gather_object(scored)) if state.num_processes > 1 else dict(scored)
     rewards = [by_index[i] for i in range(len(examples))]
     pairs = [list(zip(e["better"], e["worse"], strict=True)) for e in examples]
-    return ranking.ranking_metrics(rewards, pairs)
+    kinds = [e["kinds"] for e in examples] if all("kinds" in e for e in examples) else None
+    return ranking.ranking_metrics(rewards, pairs, kinds)

@@ -49,19 +49,23 @@ def pairwise_stats(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Ten
     return {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
 
 
-def ranking_metrics(rewards: list[list[float]], pairs: list[list[tuple[int, int]]]) -> dict:
+def ranking_metrics(rewards: list[list[float]], pairs: list[list[tuple[int, int]]], kinds: list[list[str]] | None = None) -> dict:
     """Held-out metrics over whole rankings: pairwise accuracy and margin over all
-    pairs, the reward distribution over all completions, and accuracy by K."""
+    pairs, the reward distribution over all completions, accuracy by K, and with
+    `kinds` (a label per pair, e.g. the one criterion its completions differ in)
+    accuracy and pair count by label."""
     flat = torch.tensor([r for group in rewards for r in group], dtype=torch.float64)
-    correct, margins, by_k = [], [], {}
-    for group_rewards, group_pairs in zip(rewards, pairs, strict=True):
+    correct, margins, by_k, by_kind = [], [], {}, {}
+    for g, (group_rewards, group_pairs) in enumerate(zip(rewards, pairs, strict=True)):
         k = len(group_rewards)
-        for i, j in group_pairs:
+        for p, (i, j) in enumerate(group_pairs):
             diff = group_rewards[i] - group_rewards[j]
             correct.append(diff > 0)
             margins.append(diff)
             by_k.setdefault(k, []).append(diff > 0)
-    return {
+            if kinds is not None:
+                by_kind.setdefault(kinds[g][p], []).append(diff > 0)
+    metrics = {
         "accuracy": sum(correct) / len(correct),
         "margin": sum(margins) / len(margins),
         "reward_mean": flat.mean().item(),
@@ -70,3 +74,7 @@ def ranking_metrics(rewards: list[list[float]], pairs: list[list[tuple[int, int]
         "prompts": len(rewards),
         "accuracy_by_k": {str(k): sum(v) / len(v) for k, v in sorted(by_k.items())},
     }
+    if kinds is not None:
+        metrics["accuracy_by_criterion"] = {kind: {"accuracy": sum(v) / len(v), "pairs": len(v)} for kind, v in sorted(by_kind.items())}
+    return metrics
+

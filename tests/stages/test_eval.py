@@ -36,7 +36,7 @@ def tiny_run(tiny_model_dir, sft_rows, tmp_path_factory):
     train = write_jsonl(tmp / "sft.jsonl", sft_rows[:24])
     path = tiny_config(
         tmp, tiny_model_dir, train, sft={"max_steps": 2},
-        rm={**TINY_RM, "data": {"train": str(rankings)}, "max_steps": 3, "batch_size": 4},
+        rm={**TINY_RM, "data": {"train": str(rankings)}, "max_steps": 3, "batch_size": 4, "criteria": "demo.judge:gold_parts"},
         rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2, "batch_size": 4, "minibatch_size": 2,
               "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1, "judge": JUDGE},
         eval={"prompts": str(held), "judge": JUDGE, "max_new_tokens": 6, "num_samples": 2},
@@ -88,7 +88,13 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
     assert max(abs(s["sft"]["kl_from_sft"]) for s in samples) < 1e-4
     assert len(result["examples"]) == 2
 
+    rm_eval = json.loads((run / "rm" / "eval.json").read_text())["after"]
+    by_criterion = rm_eval["accuracy_by_criterion"]
+    assert sum(row["pairs"] for row in by_criterion.values()) == rm_eval["pairs"], "every held-out pair is counted once"
+    assert set(by_criterion) <= {"correct", "warm_opening", "warm_closing", "extra_words", "several"}, by_criterion
+    assert metrics["reward_model"]["accuracy_by_criterion"] == by_criterion
     report = (run / "eval" / "report.md").read_text()
+    assert "## Reward model" in report and "| pairs that differ only in | pairs | accuracy |" in report
     assert "| rlhf |" in report and "Win rate of RLHF over SFT" in report and "![PPO curves](ppo_curves.png)" in report
     top = (run / "report.md").read_text()
     assert "![PPO curves](eval/ppo_curves.png)" in top, "the run-level copy links into eval/"
@@ -134,11 +140,12 @@ def test_a_judge_named_wrongly_is_refused(spec, message):
         load_judge(spec, "eval.judge")
 
 
-def test_a_bad_judge_stops_the_run_before_training(tiny_model_dir, sft_rows, tmp_path, capsys):
+@pytest.mark.parametrize("section, key", [("rlhf", "judge"), ("rm", "criteria")])
+def test_a_bad_judge_stops_the_run_before_training(tiny_model_dir, sft_rows, tmp_path, capsys, section, key):
     train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:8])
-    path = tiny_config(tmp_path, tiny_model_dir, train, rlhf={"judge": "demo.judge:missing"})
+    path = tiny_config(tmp_path, tiny_model_dir, train, **{section: {key: "demo.judge:missing"}})
     assert cli.main(["run", "--config", str(path)]) == 2
-    assert "rlhf.judge: 'demo.judge' has no function 'missing'" in capsys.readouterr().err
+    assert f"{section}.{key}: 'demo.judge' has no function 'missing'" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tiny" / "base").exists(), "nothing was built"
 
 

@@ -63,3 +63,27 @@ def test_ranking_metrics_by_k_and_reward_distribution():
     assert m["reward_mean"] == pytest.approx(mean)
     assert m["reward_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in flat) / 7))
     assert (m["pairs"], m["prompts"]) == (5, 3)
+
+
+def test_accuracy_by_criterion_counts_each_pair_under_its_label():
+    rewards = [[2.0, 1.0, 0.0], [0.0, 1.0], [3.0, -1.0]]
+    pairs = [[(0, 1), (0, 2), (1, 2)], [(0, 1)], [(0, 1)]]
+    kinds = [["correct", "several", "warm_opening"], ["correct"], ["warm_opening"]]
+    m = ranking.ranking_metrics(rewards, pairs, kinds)
+    assert m["accuracy_by_criterion"] == {
+        "correct": {"accuracy": 0.5, "pairs": 2},  # right in the first ranking, wrong in the second
+        "several": {"accuracy": 1.0, "pairs": 1},
+        "warm_opening": {"accuracy": 1.0, "pairs": 2},
+    }
+    assert "accuracy_by_criterion" not in ranking.ranking_metrics(rewards, pairs)
+
+
+def test_a_pair_is_labelled_by_the_one_criterion_its_completions_differ_in():
+    from stages.rm import pair_kind
+
+    right = {"correct": True, "warm_opening": True, "warm_closing": False, "extra_words": 0}
+    assert pair_kind(right, {**right, "correct": False}) == "correct"
+    assert pair_kind(right, {**right, "extra_words": 3}) == "extra_words"
+    assert pair_kind(right, {**right, "correct": False, "warm_opening": False}) == "several"
+    assert pair_kind(right, dict(right)) == "none"
+    assert pair_kind(right, None) == "unrated" and pair_kind(None, right) == "unrated"
