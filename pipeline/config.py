@@ -259,7 +259,7 @@ def _convert(value: Any, hint: Any, key: str, locate) -> Any:
     raise TypeError(f"config type {hint!r} of {key} is not supported")
 
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".gguf", ".yaml", ".yml", ".jinja", ".j2", ".txt", ".csv")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".gguf", ".yaml", ".yml", ".jinja", ".j2", ".txt", ".csv")
 
 
 def resolve_local(value: str, hub_allowed: bool = True) -> Path | None:

@@ -51,6 +51,9 @@ class RmConfig(TrainerSettings):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_length: int = 512
     """Tokens per prompt + completion; a longer completion is cut, a prompt that fills it is a bad row."""
+    max_prompt_length: int | None = None
+    """A longer prompt keeps its last tokens (the end of a long dialogue says most about its last
+    reply); null: prompts are never cut. Set it below max_length for long dialogues (HH-RLHF)."""
     margin: float = 0.0
     """Margin in the loss, -log sigmoid(r_better - r_worse - margin); a pair row's own "margin" wins."""
     center_rewards_coefficient: float = 0.0
@@ -66,6 +69,8 @@ class RmConfig(TrainerSettings):
         super().__post_init__()
         if self.eval_batch_size < 1:
             raise SettingError("eval_batch_size", f"must be at least 1, got {self.eval_batch_size}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise SettingError("max_prompt_length", f"must be between 1 and max_length - 1 ({self.max_length - 1}), got {self.max_prompt_length}")
         if self.center_rewards_coefficient < 0:
             raise SettingError("center_rewards_coefficient", "must be >= 0")
 
@@ -97,11 +102,14 @@ def headline(metrics: dict) -> str:
 # ---------------------------------------------------------------- tokenizing
 
 
-def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: float) -> dict:
+def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: float, max_prompt_length: int | None = None) -> dict:
     """Token ids of each completion as the policy would produce it: the templated
-    prompt, the completion's own tokens, EOS. Raises BadRow if the prompt alone
-    leaves no room for a completion."""
+    prompt, the completion's own tokens, EOS. A prompt over `max_prompt_length` keeps
+    its last tokens. Raises BadRow if the prompt leaves no room for a completion."""
     prompt_ids = encode_prompt(tokenizer, ranking.prompt)
+    cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+    if cut_prompt:
+        prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids) - 1
     if room < 1:
         raise preferences.BadRow(ranking.where, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion in max_length={max_length}")
@@ -120,6 +128,7 @@ def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: flo
         "worse": [j for _, j in ranking.pairs],
         "margins": [pair_margin] * len(ranking.pairs),
         "cut": cut,
+        "cut_prompt": int(cut_prompt),
     }
 
 
@@ -129,7 +138,7 @@ def encode_all(tokenizer, rankings, cfg: RmConfig, dropped: dict, criteria=None)
     examples = []
     for ranking in rankings:
         try:
-            example = encode(tokenizer, ranking, cfg.max_length, cfg.margin)
+            example = encode(tokenizer, ranking, cfg.max_length, cfg.margin, cfg.max_prompt_length)
             if criteria is not None:
                 text = ranking.prompt[-1]["content"]
                 parts = [criteria(text, completion) for completion in ranking.completions]
@@ -218,6 +227,7 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
         "eval_prompts": len(held),
         "dropped_bad_rows": dropped,
         "cut_completions": sum(e["cut"] for e in train + held),
+        "cut_prompts": sum(e["cut_prompt"] for e in train + held),
         "steps": trainer.state.global_step,
         "steps_last_attempt": steps_this_attempt,
         "epochs": round(trainer.state.epoch or 0.0, 3),
@@ -259,7 +269,7 @@ def build_trainer(cfg: RmConfig, model_dir: Path, tokenizer, train: list[dict], 
         model=model,
         args=args,
         data_collator=RankingCollator(tokenizer.pad_token_id),
-        train_dataset=Dataset.from_list([{k: v for k, v in e.items() if k != "cut"} for e in train]),
+        train_dataset=Dataset.from_list([{k: v for k, v in e.items() if k not in ("cut", "cut_prompt")} for e in train]),
         processing_class=tokenizer,
         peft_config=cfg.lora.peft_config("SEQ_CLS") if cfg.method == "lora" else None,
         callbacks=[training.MarkCompleteCheckpoints()],

@@ -7,6 +7,7 @@ they came from, so the stage-specific checks can name the line at fault.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import random
@@ -25,20 +26,27 @@ def read_rows(source: str, key: str) -> list[tuple[str, dict]]:
         return _read_hub(source, key)
     if not path.is_file():
         raise ConfigError(f"{key}: no such file: {source}")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    compressed = path.suffix.lower() == ".gz"
+    suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
+    if suffix == ".parquet" and not compressed:
         return _read_parquet(path)
     if suffix in (".jsonl", ".json"):
-        text = read_text(path)
+        text = read_text(path, compressed)
         if suffix == ".json" and text.lstrip().startswith("["):
             return _read_json_array(path, text)
         return _read_json_lines(path, text)
-    raise ConfigError(f"{key}: {source}: unsupported file type {suffix or '(none)'} (use .jsonl, .json or .parquet)")
+    raise ConfigError(f"{key}: {source}: unsupported file type {(''.join(path.suffixes[-2:]) if compressed else path.suffix) or '(none)'} (use .jsonl, .json, .jsonl.gz, .json.gz or .parquet)")
 
 
-def read_text(path: Path) -> str:
-    """A data file's text, or a ConfigError naming the line that is not UTF-8."""
+def read_text(path: Path, compressed: bool = False) -> str:
+    """A data file's text (gunzipped if `compressed`), or a ConfigError naming the line
+    that is not UTF-8 or saying the file is not gzip."""
     raw = path.read_bytes()
+    if compressed:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ConfigError(f"{path}: not a gzip file ({e})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

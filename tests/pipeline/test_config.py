@@ -27,9 +27,18 @@ def error_of(path: Path, overrides=()) -> str:
     return message
 
 
+# Inputs a shipped config names that a checkout does not have: the HH-RLHF data lives outside the
+# project, and the base checkpoint is made by `make base`. They are replaced by stand-ins here.
+OUTSIDE = {"hh_rm.yaml": {"rm.init_from": "folder", "rm.data.train": "hh.jsonl.gz"}}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
+def test_every_shipped_config_loads(path, tmp_path):
+    stand_ins = []
+    for key, name in OUTSIDE.get(path.name, {}).items():
+        (tmp_path / name).mkdir() if name == "folder" else (tmp_path / name).write_text("")
+        stand_ins.append(f"{key}={tmp_path / name}")
+    cfg = load_config(path, stand_ins)
     assert set(cfg.stages) >= {"base", "sft"}
 
 

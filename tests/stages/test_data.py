@@ -98,7 +98,22 @@ def test_empty_and_unsupported_files(tmp_path):
     assert error_of(empty) == f"{empty}: no rows"
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,response\n")
-    assert error_of(csv) == f"sft.data.train: {csv}: unsupported file type .csv (use .jsonl, .json or .parquet)"
+    assert error_of(csv) == f"sft.data.train: {csv}: unsupported file type .csv (use .jsonl, .json, .jsonl.gz, .json.gz or .parquet)"
+
+
+def test_gzipped_json_lines_read_like_plain_ones(tmp_path):
+    import gzip
+
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    packed = tmp_path / "rows.jsonl.gz"
+    packed.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert data.read_rows(str(packed), "sft.data.train") == [(f"{packed}:1", rows[0]), (f"{packed}:2", rows[1])]
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text('{"prompt": "a"}\n')
+    assert error_of(fake).startswith(f"{fake}: not a gzip file")
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"prompt": "a", "response": "b"}\n{"prompt": oops}\n'))
+    assert error_of(broken).startswith(f"{broken}:2: invalid JSON")
 
 
 def test_a_file_that_is_not_utf8_names_the_line(tmp_path):

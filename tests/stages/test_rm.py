@@ -77,6 +77,9 @@ def test_completions_end_with_eos_and_the_reward_is_read_there(tiny_model_dir, t
     assert cut["cut"] == 1
     with pytest.raises(preferences.BadRow, match="^x: the prompt is .* no room for a completion in max_length=8"):
         rm.encode(tokenizer, ranking, 8, 0.0)
+    kept = rm.encode(tokenizer, ranking, 8, 0.0, max_prompt_length=5)  # a long prompt keeps its end instead
+    assert kept["cut_prompt"] == 1 and all(ids[:5] == prompt[-5:] for ids in kept["input_ids"])
+    assert rm.encode(tokenizer, ranking, 64, 0.0, max_prompt_length=len(prompt))["input_ids"] == example["input_ids"], "a prompt that fits is not cut"
 
 
 def test_a_bad_row_stops_the_run_before_any_stage_trains(tiny_model_dir, sft_rows, tmp_path, capsys):
