@@ -1,18 +1,16 @@
-"""Acceptance run: the reward model on real human preferences (Anthropic HH-RLHF,
-harmless-base test split), held-out pairwise accuracy against the 50% chance line.
+"""The reward model on real human preferences (Anthropic HH-RLHF, harmless-base test split):
+`configs/hh_rm.yaml` through the project's own rm stage, then one JSON summary.
 
-    python -m bench.rm_hh [--steps 60] [--init-from runs/default/sft]
+    python -m bench.rm_hh [--init-from runs/default/base] [--set rm.max_steps=90 ...]
 
-The data is not shipped with the project: it is read from ../shared/data/ (a
-workplace folder), and the script skips with a message where that is absent. The
-pairs are split by prompt into train and held-out (10%), whole dialogues split at
-their last assistant turn, rows with an empty reply dropped and counted.
+The data is not shipped with the project: the config reads it from ../shared/data/ (a
+workplace folder); where that is absent this skips with a message. The base checkpoint comes
+from `make base`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -20,63 +18,45 @@ from pathlib import Path
 
 import yaml
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+CONFIG = "configs/hh_rm.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--init-from", default="runs/default/sft", help="causal-LM folder the RM starts from")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-5)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--init-from", default="runs/default/base", help="causal-LM folder the RM starts from (make base)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides of the config, e.g. rm.max_steps=90")
     args = parser.parse_args(argv)
 
-    source = Path(args.data)
-    if not source.is_file():
-        print(f"skipped: {source} is absent (the HH-RLHF file lives in the workplace's shared/data, not in this project)")
-        return 0
-    if not (Path(args.init_from) / "config.json").is_file():
-        print(f"error: {args.init_from} is not a model folder; build it first (make sft)", file=sys.stderr)
-        return 2
-    work = Path(args.output_dir) / "hh-rm"
-    work.mkdir(parents=True, exist_ok=True)
-    rows = work / "hh-rlhf-harmless-base-test.jsonl"
-    with gzip.open(source, "rt", encoding="utf-8") as f:
-        rows.write_text(f.read(), encoding="utf-8")
-    config = {
-        "run": {"name": "hh-rm", "output_dir": args.output_dir, "seed": 0},
-        "rm": {
-            "init_from": args.init_from,
-            "data": {"train": str(rows), "eval_fraction": 0.1, "drop_bad_rows": True},
-            "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-            "lr_scheduler": "linear", "warmup_ratio": 0.05, "max_length": args.max_length,
-            "save_steps": 20, "logging_steps": 5, "eval_batch_size": 16,
-        },
-    }
-    config_path = work / "hh-rm.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
     from pipeline import cli
+    from pipeline import config as configuration
+    from stages import config_classes
 
+    overrides = [f"rm.init_from={args.init_from}", *args.set]
+    named = [o.partition("=")[2] for o in overrides if o.startswith("rm.data.train=")]
+    data = Path(named[-1] if named else yaml.safe_load(Path(CONFIG).read_text())["rm"]["data"]["train"])
+    if not data.is_file():
+        print(f"skipped: {data} is absent (the HH-RLHF file lives in the workplace's shared/data, not in this project)")
+        return 0
     start = time.time()
-    code = cli.main(["run", "rm", "--config", str(config_path)])
+    code = cli.main(["run", "rm", "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]])
     if code:
         return code
-    manifest = json.loads((Path(args.output_dir) / "hh-rm" / "rm" / "manifest.json").read_text())
-    metrics = manifest["metrics"]
-    before, after = metrics["eval_before"], metrics["eval_after"]
+    cfg = configuration.load(CONFIG, overrides, config_classes())
+    manifest = json.loads((cfg.run_dir / "rm" / "manifest.json").read_text())
+    metrics, log = manifest["metrics"], [json.loads(line) for line in (cfg.run_dir / "rm" / "trainer_log.jsonl").read_text().splitlines()]
+    summary = next((row for row in log if "train_runtime" in row), {})
     print(json.dumps({
-        "data": source.name,
+        "data": data.name,
+        "settings": manifest["config"],
         "train_pairs": metrics["train_pairs"],
-        "held_out_pairs": after["pairs"],
+        "pairs_seen": metrics["steps"] * cfg.stages["rm"].batch_size * cfg.stages["rm"].gradient_accumulation_steps,
+        "held_out_pairs": metrics["eval_after"]["pairs"],
         "dropped_bad_rows": metrics["dropped_bad_rows"],
-        "settings": config["rm"],
-        "held_out_accuracy_before": round(before["accuracy"], 4),
-        "held_out_accuracy_after": round(after["accuracy"], 4),
-        "chance": 0.5,
+        "cut_prompts": metrics.get("cut_prompts"),
+        "held_out_accuracy_before": round(metrics["eval_before"]["accuracy"], 4),
+        "held_out_accuracy_after": round(metrics["eval_after"]["accuracy"], 4),
+        "train_seconds": summary.get("train_runtime"),
+        "stage_seconds": manifest["timings"]["seconds"],
         "wall_seconds": round(time.time() - start, 1),
     }, indent=2))
     return 0
