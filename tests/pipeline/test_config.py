@@ -82,6 +82,8 @@ def test_unknown_section(tmp_path):
         ("sft:\n  data:\n    eval_fraction: 1.5\n", ":3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"),
         ("sft:\n  batch_size: 0\n", ":2: sft.batch_size: must be at least 1, got 0"),
         ("run:\n  name: ../elsewhere\n", ":2: run.name: must be a plain folder name, got '../elsewhere'"),
+        ("rm:\n  max_length: 64\n  max_prompt_length: 64\n", ":3: rm.max_prompt_length: must be between 1 and max_length - 1 (63), got 64"),
+        ("sft:\n  method: lora\n  lora:\n    alpha: 0\n", ":4: sft.lora.alpha: must be positive, got 0"),
         # missing files
         ("sft:\n  data:\n    train: data/missing.jsonl\n", ":3: sft.data.train: no such file or folder: data/missing.jsonl"),
         ("base:\n  model: ./no/such/model\n", ":2: base.model: no such file or folder: ./no/such/model"),
