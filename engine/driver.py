@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from engine.rollout import RolloutSettings, make_rollout
 from engine.update import Learner, one_pass, policy_forward, ppo_update
 from pipeline import checkpoint as ckpt
 from pipeline.errors import TrainingDiverged
+from pipeline.fallbacks import Fallbacks
 from rl.advantages import ESTIMATORS, AdvantageInputs
 from rl.rewards import AdaptiveKLController, FixedKLController, ppo_rewards
 
@@ -43,7 +44,6 @@ class Job:
     stats: tuple[float, float] | None  # the reward model's held-out mean and std
     judge: Callable[[str, str], float | None] | None = None  # logged as objective/gold_score, never trained on
     ptx_rows: list[dict] | None = None  # SFT rows for PPO-ptx
-    fallbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Run:
     sampling: RolloutSettings
     held_out: HeldOut
     encoded: list[list[int]]  # the prompts as token ids
+    fallbacks: Fallbacks  # said once in the log, listed in the manifest
 
 
 def train(cfg, job: Job) -> dict:
@@ -80,7 +81,7 @@ def train(cfg, job: Job) -> dict:
         chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size * world, accelerator.process_index, cfg.batch_size, job.seed)
         queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], tokenizer.pad_token_id, "left", accelerator.device)
         with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
-            batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, _note(job, accelerator))
+            batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, run.fallbacks)
         first_forward = None
         if not run.sampling.policy_pass:
             with timer("update"):
@@ -130,7 +131,7 @@ def setup(cfg, job: Job) -> Run:
         log_with=[r for r in cfg.report_to if r != "none"] or None,
         project_dir=str(job.out_dir),
     )
-    note = _note(job, accelerator)
+    note = Fallbacks("rlhf", accelerator.print)
     set_seed(job.seed, device_specific=True)  # each process samples its own responses
     models = load_models(cfg, job.policy_dir, job.rm_dir, job.stats[1] if job.stats else 1.0, note)
     set_seed(job.seed, device_specific=True)  # the rollouts do not depend on how many adapter weights the layout drew
@@ -166,7 +167,7 @@ def setup(cfg, job: Job) -> Run:
     if accelerator.is_main_process:
         accelerator.init_trackers("rlhf", config={"seed": job.seed})
     encoded = [encode_prompt(job.tokenizer, p) for p in job.prompts]
-    return Run(accelerator, models, Learner(accelerator, wrapped, optimizer, cfg, layout, ptx), scheduler, kl_ctl, progress, sampling, held_out, encoded)
+    return Run(accelerator, models, Learner(accelerator, wrapped, optimizer, cfg, layout, ptx), scheduler, kl_ctl, progress, sampling, held_out, encoded, note)
 
 
 def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, int]) -> dict:
@@ -194,7 +195,7 @@ def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, in
         "seconds_per_step": sum(h["time/step"] for h in history) / len(history) if history else None,
         "reward_normalisation": {"mean": job.stats[0], "std": job.stats[1]} if job.stats else None,
         "trainable_parameters": sum(p.numel() for p in run.models.trained.parameters() if p.requires_grad),
-        "fallbacks": list(job.fallbacks),
+        "fallbacks": run.fallbacks.taken,
     }
 
 
@@ -207,17 +208,6 @@ def _log_step(run: Run, job: Job, cfg, row: dict, sample: tuple) -> None:
     run.accelerator.log(row, step=row["step"])
     if (row["step"] - 1) % cfg.sample_steps == 0:
         write_rollout_samples(job.out_dir, job.tokenizer, *sample, row["step"])
-
-
-def _note(job: Job, accelerator) -> Callable[[str], None]:
-    """Say a fallback once, in the log (main process) and the stage's manifest."""
-
-    def note(message: str) -> None:
-        if message not in job.fallbacks:
-            job.fallbacks.append(message)
-            accelerator.print(f"[rlhf] fallback: {message}")
-
-    return note
 
 
 def _progress_bar(total: int, done: int, enabled: bool):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import ConfigError, SettingError, resolve_local, setting
+from pipeline.fallbacks import Fallbacks
 
 # Used only when the tokenizer has no chat template: plain-text role markers need
 # no new tokens, and every turn ends with EOS so the model learns where to stop.
@@ -62,12 +63,10 @@ def headline(metrics: dict) -> str:
 
 def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
     model, tokenizer, source = load(cfg)
-    fallbacks: list[str] = []
-    notes = fix_tokens(cfg, model, tokenizer, fallbacks.append)
+    fallbacks = Fallbacks("base")
+    notes = fix_tokens(cfg, model, tokenizer, fallbacks)
     for note in notes:
         print(f"[base] {note}", flush=True)
-    for message in fallbacks:
-        print(f"[base] fallback: {message}", flush=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _check_round_trip(tokenizer, out_dir)
@@ -81,7 +80,7 @@ def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         "pad_token": tokenizer.pad_token,
         "chat_template": "file" if cfg.chat_template else ("default" if any("chat template" in n for n in notes) else "tokenizer"),
         "notes": notes,
-        "fallbacks": fallbacks,
+        "fallbacks": fallbacks.taken,
     }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import SettingError, setting
+from pipeline.fallbacks import Fallbacks
 from stages import eval_report as report
 from stages.shared import data
 from stages.shared.judge import load_judge, reward_stats
@@ -81,12 +82,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     prompts = data.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
     texts = [p[-1]["content"] for p in prompts]
     stats = reward_stats(inputs["rm"])
-    fallbacks: list[str] = []
-
-    def note(message: str) -> None:
-        if message not in fallbacks:
-            fallbacks.append(message)
-            print(f"[eval] fallback: {message}", flush=True)
+    note = Fallbacks("eval")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -121,7 +117,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     metrics["eval_seconds"] = round(time.time() - start, 1)
     rm_eval = _read_json(inputs["rm"] / "eval.json").get("after", {})
     metrics["reward_model"] = {k: rm_eval[k] for k in ("accuracy", "pairs", "accuracy_by_criterion") if k in rm_eval}
-    metrics["fallbacks"] = fallbacks
+    metrics["fallbacks"] = note.taken
     stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
     text = report.render(metrics, examples, stages, plots, cfg)
     ckpt.write_text_atomic(out_dir / "report.md", text)
