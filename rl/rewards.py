@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rl.kl import per_token_kl as kl_estimate
 from rl.masked import masked_whiten
 from rl.tokens import sequence_lengths
 from rl.trajectory import Rollout
@@ -20,9 +21,9 @@ def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor
 
     All (batch, response_len). k1 is unbiased per sample, and its sum over a sampled
     response is exactly that response's log density ratio (the reward penalty).
+    The estimators themselves live in rl/kl.py.
     """
-    kl = logprobs - ref_logprobs
-    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl_estimate(logprobs, ref_logprobs, mask, "k1")
 
 
 def normalize_scores(scores: Tensor, mean_std: tuple[float, float] | None, clip: float | None) -> Tensor:
