@@ -1,5 +1,5 @@
-"""Loading a gold judge named as `module:function`, and the reward model's score
-statistics: what both the rlhf and the eval stage read.
+"""Loading a gold judge (or any callable) named as `module:function`, and the reward
+model's score statistics: what both the rlhf and the eval stage read.
 
 A judge is any function `judge(prompt: str, response: str) -> float | None`; None
 means it cannot rate that prompt. The demo's is `demo.judge:gold_score`.
@@ -20,8 +20,12 @@ MOVED = {"pipeline.demo_judge": "demo.judge"}
 
 def load_judge(spec: str | None, key: str) -> Callable[[str, str], float | None] | None:
     """The judge function named `module:function`, or a ConfigError naming `key`."""
-    if spec is None:
-        return None
+    return None if spec is None else load_callable(spec, key)
+
+
+def load_callable(spec: str, key: str) -> Callable:
+    """The callable named `module:function` (a judge or a reward function), or a
+    one-line ConfigError naming `key`."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ConfigError(f"{key}: expected module:function, got {spec!r}")
@@ -31,10 +35,14 @@ def load_judge(spec: str | None, key: str) -> Callable[[str, str], float | None]
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import {module_name!r}: {e}") from None
-    judge = getattr(module, name, None)
-    if not callable(judge):
+    except Exception as e:  # the module's own code failed as it loaded: still one line
+        raise ConfigError(f"{key}: importing {module_name!r} raised {e!r}") from None
+    if not hasattr(module, name):
         raise ConfigError(f"{key}: {module_name!r} has no function {name!r}")
-    return judge
+    found = getattr(module, name)
+    if not callable(found):
+        raise ConfigError(f"{key}: {module_name}:{name} is not callable (type {type(found).__name__})")
+    return found
 
 
 def reward_stats(rm_dir: Path) -> tuple[float, float] | None:
