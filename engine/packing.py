@@ -9,6 +9,7 @@ whatever its neighbours in the batch.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,13 @@ class Packed:
     them. With one, each row starts with the prefix, the sequences after it hold only
     what follows it, and `attention_mask` lets each attend to the prefix and to itself:
     the prefix attends only to itself, so its keys and values are the ones every
-    sequence computes alone, computed once."""
+    sequence computes alone, computed once.
+
+    Likewise the K answers to one prompt (GRPO, RLOO): consecutive sequences with the
+    same prompt share its tokens after the prefix, but for the last, once per row; each
+    member then holds its last prompt token and its response, and attends to the row
+    prefix, the group's prompt and itself. The prompt's keys and values are again those
+    of each sequence alone, and its gradient the sum of what each copy would collect."""
 
     input_ids: torch.Tensor  # (rows, row_len); filler after the last sequence of a row
     position_ids: torch.Tensor  # (rows, row_len)
@@ -80,9 +87,13 @@ class Packed:
     tokens: torch.Tensor  # (n,) the real response tokens, sequence by sequence
     source: torch.Tensor | None = None  # (rows, row_len): where each packed token sits in the (batch, prompt_len + response_len) grid, flattened
     place: torch.Tensor | None = None  # (batch, prompt_len + response_len): where each grid token sits in the packed rows, flattened (0 on padding)
-    attention_mask: torch.Tensor | None = None  # (rows, 1, row_len, row_len) bool, true where a query may attend a key; None without a shared prefix
+    attention_mask: torch.Tensor | None = None  # (rows, 1, row_len, row_len) bool, true where a query may attend a key; None when nothing is shared
     prefix: int = 0  # tokens shared at the start of every row
     value_inputs: torch.Tensor | None = None  # (rows, row_len, hidden), laid out from Rollout.value_inputs
+    # What `attention_mask` is built from: a token sees the earlier tokens of its segment,
+    # of its parent and of the row's prefix.
+    segments: torch.Tensor | None = None  # (rows, row_len): 0 the row's prefix, k > 0 a group's prompt or a sequence's own tokens, -1 filler
+    parents: torch.Tensor | None = None  # (rows, row_len): for a group member's own tokens, its group's prompt segment; else the token's own segment
 
     # Sequences are laid out in batch order, so positions taken from `predicts` in
     # memory order line up with `tokens` and with the true entries of `response_mask`.
@@ -118,52 +129,46 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
     """Lay each (left-padded prompt, right-padded response) end to end: consecutive
     sequences share a row while it stays within `layout.row_tokens`. With row_tokens=0
     each sequence gets a row of its own, right-padded, which any causal model reads
-    right without packing support. No real token attends to the filler (token 0)
-    after the sequences of a row, so its id does not matter."""
+    right without packing support. With `layout.share_prefix`, the batch's common
+    prompt start and each group's prompt are shared (see `Packed`). No real token
+    attends to the filler (token 0) after the sequences of a row, so its id does not
+    matter."""
     device = queries.device
     ids = torch.cat([queries, responses], 1)
     real = torch.cat([query_mask.bool(), response_mask.bool()], 1)
     sequences = [ids[b][real[b]] for b in range(ids.shape[0])]
     prompt_lengths = query_mask.long().sum(1)
-    prefix = _common_prefix(sequences, int(prompt_lengths.min()) - 1) if layout.share_prefix and layout.row_tokens else 0
-    lengths = [len(s) - prefix for s in sequences]  # what each sequence adds to a row
-    rows: list[list[int]] = [[]]
-    for b, n in enumerate(lengths):
-        if rows[-1] and prefix + sum(lengths[i] for i in rows[-1]) + n > layout.row_tokens:
-            rows.append([])
-        rows[-1].append(b)
-    width = max(prefix + sum(lengths[i] for i in row) for row in rows)
+    share = layout.share_prefix and layout.row_tokens > 0
+    prefix = _common_prefix(sequences, int(prompt_lengths.min()) - 1) if share else 0
+    heads, groups = _groups(queries, query_mask, prefix) if share else ([prefix] * len(sequences), list(range(len(sequences))))
+    rows, reads, width = _lay_out([len(s) for s in sequences], heads, groups, prefix, layout.row_tokens)
     input_ids = torch.zeros((len(rows), width), dtype=ids.dtype, device=device)
     # The filler stays at position 0, each token a sequence of its own: counting on would run past
     # the position table of a model with learned absolute positions (GPT-2).
     positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    segments = torch.full((len(rows), width), -1, device=device)  # 0: the prefix, k: the row's k-th sequence, -1: filler
-    start = [0] * len(lengths)  # flat position of each sequence's first token, had its prefix been laid out with it
+    segments = torch.full((len(rows), width), -1, device=device)
+    parents = torch.full((len(rows), width), -1, device=device)
     columns = [real[b].nonzero().squeeze(-1) + b * ids.shape[1] for b in range(ids.shape[0])]  # each sequence's real tokens in the flat grid
     source = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for r, spans in enumerate(rows):
+        for b, lo, hi, offset, segment, parent in spans:
+            cut = slice(offset, offset + hi - lo)
+            input_ids[r, cut] = sequences[b][lo:hi]
+            positions[r, cut] = torch.arange(lo, hi, device=device)
+            segments[r, cut], parents[r, cut] = segment, parent
+            source[r, cut] = columns[b][lo:hi]
     place = torch.zeros(ids.numel(), dtype=torch.long, device=device)
-    for r, row in enumerate(rows):
-        input_ids[r, :prefix] = sequences[0][:prefix]
-        positions[r, :prefix] = torch.arange(prefix, device=device)
-        segments[r, :prefix] = 0
-        source[r, :prefix] = columns[row[0]][:prefix]
-        offset = prefix
-        for k, b in enumerate(row, start=1):
-            n = lengths[b]
-            input_ids[r, offset : offset + n] = sequences[b][prefix:]
-            positions[r, offset : offset + n] = torch.arange(prefix, prefix + n, device=device)
-            segments[r, offset : offset + n] = k
-            source[r, offset : offset + n] = columns[b][prefix:]
-            place[columns[b][:prefix]] = r * width + torch.arange(prefix, device=device)
-            place[columns[b][prefix:]] = r * width + offset + torch.arange(n, device=device)
-            start[b] = r * width + offset - prefix
-            offset += n
+    for b, (r, spans) in enumerate(reads):
+        for lo, hi, offset in spans:
+            place[columns[b][lo:hi]] = r * width + offset + torch.arange(hi - lo, device=device)
+    # Flat position each sequence's first token would have, had its whole sequence been laid out
+    # with its own segment: position i of the sequence sits at start + i from its head on.
+    start_t = torch.tensor([r * width + spans[-1][2] - spans[-1][0] for r, spans in reads], device=device)
     attention_mask = None
-    if prefix:
+    if prefix or any(head > prefix for head in heads):
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-        same = segments[:, :, None] == segments[:, None, :]
-        attention_mask = (causal & (same | (segments[:, None, :] == 0)))[:, None]
-    start_t = torch.tensor(start, device=device)
+        seen = (segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == parents[:, :, None]) | (segments[:, None, :] == 0)
+        attention_mask = (causal & seen)[:, None]
     steps = torch.arange(responses.shape[1], device=device)
     before = (start_t + prompt_lengths - 1)[:, None] + steps[None, :]
     predicts = torch.zeros(input_ids.numel(), dtype=torch.bool, device=device)
@@ -172,14 +177,64 @@ def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout(
         input_ids=input_ids,
         position_ids=positions,
         predicts=predicts.view_as(input_ids),
-        last=start_t + prefix + torch.tensor(lengths, device=device) - 1,
+        last=start_t + torch.tensor([len(s) for s in sequences], device=device) - 1,
         response_mask=response_mask.bool(),
         tokens=responses[response_mask.bool()],
         source=source,
         place=place.view_as(ids),
         attention_mask=attention_mask,
         prefix=prefix,
+        segments=segments,
+        parents=parents,
     )
+
+
+def _groups(queries: torch.Tensor, query_mask: torch.Tensor, prefix: int) -> tuple[list[int], list[int]]:
+    """Consecutive sequences with the same real prompt tokens (K answers sampled for one
+    prompt) form a group: (heads, groups), per sequence where its own tokens start and
+    the index of its group's first sequence. A member's own tokens start at its last
+    prompt token, whose output is its own (it predicts the member's first response
+    token); everything before that and after `prefix` is the group's, laid out once
+    per row. Identical tokens at identical positions give identical keys and values,
+    so sharing them is exact."""
+    real = query_mask.bool()
+    same = ((real[1:] == real[:-1]) & ((queries[1:] == queries[:-1]) | ~real[1:])).all(1).tolist()
+    groups = [0]
+    for b, repeat in enumerate(same, start=1):
+        groups.append(groups[-1] if repeat else b)
+    members = Counter(groups)
+    lengths = real.sum(1).tolist()
+    heads = [lengths[b] - 1 if members[g] > 1 and lengths[b] - 1 > prefix else prefix for b, g in enumerate(groups)]
+    return heads, groups
+
+
+def _lay_out(lengths: list[int], heads: list[int], groups: list[int], prefix: int, row_tokens: int):
+    """Where each token goes: (rows, reads, width). rows[r] lists the spans laid out in row r
+    as (b, lo, hi, offset, segment, parent): sequence b's tokens lo:hi at `offset`, in
+    `segment` (0: the row's prefix), attending also to `parent` (the group's prompt
+    segment for a member's own tokens). reads[b] = (r, [(lo, hi, offset), ...]): where
+    all of sequence b's tokens sit, its own tokens last. A group that does not fit in
+    a row lays its prompt out again in the next."""
+    rows: list[list[tuple]] = []
+    reads: list[tuple[int, list[tuple]]] = []
+    widths: list[int] = []
+    open_group = group_span = group_segment = None
+    for b, (n, head, group) in enumerate(zip(lengths, heads, groups)):
+        shared = head - prefix  # a group member's prompt after the prefix, laid out once per row; 0 for a lone prompt
+        if not rows or widths[-1] + (shared if group != open_group else 0) + n - head > row_tokens:
+            rows.append([(b, 0, prefix, 0, 0, 0)] if prefix else [])
+            widths.append(prefix)
+            open_group = None
+        row = rows[-1]
+        if shared and group != open_group:
+            open_group, group_span, group_segment = group, (prefix, head, widths[-1]), len(row) + 1
+            row.append((b, prefix, head, widths[-1], group_segment, group_segment))
+            widths[-1] += shared
+        segment = len(row) + 1
+        row.append((b, head, n, widths[-1], segment, group_segment if shared else segment))
+        reads.append((len(rows) - 1, [(0, prefix, 0)] * bool(prefix) + [group_span] * bool(shared) + [(head, n, widths[-1])]))
+        widths[-1] += n - head
+    return rows, reads, max(widths)
 
 
 def _common_prefix(sequences: list[torch.Tensor], limit: int) -> int:
