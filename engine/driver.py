@@ -1,28 +1,29 @@
-"""The PPO driver on accelerate. `train` reads as the algorithm: per step, (1) roll
-out, (2) shape rewards, (3) estimate advantages, (4) update, (5) keep the books.
-`setup` builds what the loop needs once; engine/ holds the model side, rl/ the math.
+"""The RL driver on accelerate, for PPO and the critic-free estimators alike. `train`
+reads as the algorithm: per step, (1) roll out, (2) rate and shape rewards, (3)
+estimate advantages, (4) update, (5) keep the books. `setup` builds what the loop
+needs once; engine/ holds the model side, rl/ the math.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine import checkpointing, device
+from engine import checkpointing, device, guard
 from engine.chat import encode_prompt
 from engine.checkpointing import Progress, prompt_batch
-from engine.metrics import StepRecord, Timer, gold_score, step_metrics
-from engine.models import Models, load_models
+from engine.metrics import StepRecord, Timer, step_metrics
+from engine.models import Models, load_models, load_reward_model
 from engine.output import HeldOut, before_training, evaluate_policy, save_final, write_rollout_samples
 from engine.packing import pad_sequences
 from engine.probes import layout_for
 from engine.ptx import PtxStream, ptx_examples
+from engine.rewards import Sources, attach_models, episode_texts
 from engine.rollout import RolloutSettings, make_rollout
-from engine.update import Learner, one_pass, policy_forward, ppo_update
+from engine.update import Learner, Objective, one_pass, policy_forward, ppo_update
 from pipeline import checkpoint as ckpt
 from pipeline.errors import TrainingDiverged
 from pipeline.fallbacks import Fallbacks
@@ -32,17 +33,15 @@ from rl.rewards import AdaptiveKLController, FixedKLController, ppo_rewards
 
 @dataclass
 class Job:
-    """A PPO run's inputs, read and checked by the rlhf stage."""
+    """An RL run's inputs, read and checked by the rlhf stage."""
 
     policy_dir: Path
-    rm_dir: Path
     out_dir: Path
     seed: int
     tokenizer: object
     prompts: list[list[dict]]  # chat prompts to roll out
     held: list[list[dict]]  # held-out prompts for the greedy check
-    stats: tuple[float, float] | None  # the reward model's held-out mean and std
-    judge: Callable[[str, str], float | None] | None = None  # logged as objective/gold_score, never trained on
+    sources: Sources  # the reward sources (engine/rewards.py); the first reward-model source is the primary
     ptx_rows: list[dict] | None = None  # SFT rows for PPO-ptx
 
 
@@ -64,57 +63,66 @@ class Run:
 
 def train(cfg, job: Job) -> dict:
     run = setup(cfg, job)
-    accelerator, progress, tokenizer = run.accelerator, run.progress, job.tokenizer
+    accelerator, progress, objective = run.accelerator, run.progress, run.learner.objective
     resume = ckpt.latest_checkpoint(job.out_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
         accelerator.print(f"[rlhf] resuming from {resume} (step {progress.step})")
     history = checkpointing.read_history(job.out_dir / "metrics.jsonl", progress.step)
     eval_before = before_training(run.held_out, job.held, job.out_dir)
-    estimate = ESTIMATORS[cfg.advantage].estimate
-    world = accelerator.num_processes
-    bar = _progress_bar(cfg.steps, progress.step, accelerator.is_main_process)
-    first_step = progress.step
-    while progress.step < cfg.steps:
+    estimate, world, k = ESTIMATORS[cfg.advantage].estimate, accelerator.num_processes, objective.group_size
+    bar, first_step, stopped = _progress_bar(cfg.steps, progress.step, accelerator.is_main_process), progress.step, None
+    while progress.step < cfg.steps and stopped is None:
         timer = Timer()
-        # 1. rollout: sample, score, reference log-probs (old log-probs from the update's forward in one-pass mode)
-        chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size * world, accelerator.process_index, cfg.batch_size, job.seed)
-        queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], tokenizer.pad_token_id, "left", accelerator.device)
+        # 1. rollout: K answers to each of this process's prompts, sampled as one batch and scored by the reward models
+        chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size // k * world, accelerator.process_index, cfg.batch_size // k, job.seed)
+        chosen = [i for i in chosen for _ in range(k)]
+        queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], job.tokenizer.pad_token_id, "left", accelerator.device)
         with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
             batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, run.fallbacks)
         first_forward = None
         if not run.sampling.policy_pass:
             with timer("update"):
                 first_forward = policy_forward(run.learner, batch)
-                batch.set_old(first_forward[0].detach(), first_forward[1].detach())
-        if not torch.isfinite(batch.scores).all():
-            raise TrainingDiverged(f"rlhf: the reward model returned a non-finite score at step {progress.step}; the last good checkpoint is kept in {job.out_dir}")
-        # 2. rewards: standardised score at the EOS, missing-EOS penalty, per-token KL penalty
+                batch.set_old(first_forward[0].detach(), first_forward[1].detach() if first_forward[1] is not None else None)
+        # 2. rewards: every source rated, the train ones standardised and summed; missing-EOS penalty; KL shaped in (or kept for the loss)
         kl_coef = run.kl_ctl.value
-        scores, rewards, non_score, kl = ppo_rewards(batch, cfg, job.stats, kl_coef)
+        with timer("scoring"):
+            rate_rollout(run, job, batch, [job.prompts[i] for i in chosen])
+        scores, rewards, non_score, kl = ppo_rewards(batch, cfg, 0.0 if objective.kl_in_loss else kl_coef)
         # 3. advantages
-        advantages, returns = estimate(AdvantageInputs(rewards, batch.response_mask, batch.values), cfg)
+        advantages, returns = estimate(AdvantageInputs(rewards, batch.response_mask, batch.values, scores, batch.rated, k), cfg)
         # 4. update
         with timer("update"):
-            update_stats = ppo_update(run.learner, batch, advantages, returns, first_forward)
+            update_stats = ppo_update(run.learner, batch, advantages, returns, first_forward, kl_coef=kl_coef)
         run.scheduler.step()
-        # 5. bookkeeping: KL controller, metrics, samples, checkpoint
+        # 5. bookkeeping: KL controller, metrics, samples, checkpoint, the guard
         kl_per_episode = accelerator.reduce(kl.sum(1).mean(), "mean").item()
         run.kl_ctl.update(kl_per_episode, cfg.batch_size * world)
         progress.step += 1
         progress.episodes += cfg.batch_size * world
         record = StepRecord(progress.step, progress.episodes, batch, scores, non_score, kl_per_episode, kl_coef, update_stats, run.scheduler.get_last_lr()[0], timer)
-        row = step_metrics(accelerator, record)
-        if job.judge is not None:
-            row["objective/gold_score"] = gold_score(accelerator, job.judge, tokenizer, [job.prompts[i] for i in chosen], batch)
-        history.append(row)
-        _log_step(run, job, cfg, row, (batch, scores))
+        history.append(step_metrics(accelerator, record, job.sources))
+        _log_step(run, job, cfg, history[-1], (batch, scores))
         bar.update(1)
-        bar.set_postfix(score=f"{row['objective/scores']:+.3f}", kl=f"{row['objective/kl']:.3f}")
-        if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps:
+        bar.set_postfix(score=f"{history[-1]['objective/scores']:+.3f}", kl=f"{history[-1]['objective/kl']:.3f}")
+        stopped = guard.verdict(history, cfg.guard)
+        if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps or stopped is not None:
             checkpointing.save_checkpoint(accelerator, job.out_dir, progress.step)
     bar.close()
-    return finish(run, cfg, job, history, (eval_before, progress.step - first_step))
+    return finish(run, cfg, job, history, (eval_before, progress.step - first_step, stopped))
+
+
+def rate_rollout(run: Run, job: Job, batch, chat_prompts: list[list[dict]]) -> None:
+    """Every reward source's rating of the rollout (`batch.ratings`), and the train
+    reward from them (`batch.scores`, `batch.rated`), alike on every process."""
+    sources, accelerator = job.sources, run.accelerator
+    if not torch.isfinite(batch.ratings).all():
+        raise TrainingDiverged(f"rlhf: a reward model returned a non-finite score at step {run.progress.step + 1}; the last good checkpoint is kept in {job.out_dir}")
+    texts = episode_texts(job.tokenizer, chat_prompts, batch.responses, batch.response_mask) if sources.needs_text else None
+    batch.ratings = sources.rate(batch.ratings, texts)
+    everyone = accelerator.gather(batch.ratings) if sources.moments else None
+    batch.scores, batch.rated = sources.train_reward(batch.ratings, everyone)
 
 
 def setup(cfg, job: Job) -> Run:
@@ -133,7 +141,9 @@ def setup(cfg, job: Job) -> Run:
     )
     note = Fallbacks("rlhf", accelerator.print)
     set_seed(job.seed, device_specific=True)  # each process samples its own responses
-    models = load_models(cfg, job.policy_dir, job.rm_dir, job.stats[1] if job.stats else 1.0, note)
+    primary = job.sources.models[0] if job.sources.models else None
+    models = load_models(cfg, job.policy_dir, primary.model_dir if primary else None, primary.stats[1] if primary and primary.stats else 1.0, note)
+    models.scorers = attach_models(job.sources, models.reward_model, load_reward_model)
     set_seed(job.seed, device_specific=True)  # the rollouts do not depend on how many adapter weights the layout drew
     trainable = [p for p in models.trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
@@ -142,12 +152,15 @@ def setup(cfg, job: Job) -> Run:
     wrapped, optimizer, scheduler = accelerator.prepare(models.trained, optimizer, scheduler)
     models.trained = accelerator.unwrap_model(wrapped)
     checkpointing.checkpoint_trainable_weights_only(accelerator)
-    models.reward_model.to(accelerator.device)
+    for scorer in models.scorers:
+        scorer.to(accelerator.device)
     models.reference.to(accelerator.device)
     layout = layout_for(*models.forward_models(), note=note)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
     progress = Progress()
     accelerator.register_for_checkpointing(kl_ctl, progress)
+    if job.sources.moments:
+        accelerator.register_for_checkpointing(job.sources)
     ptx = None
     if job.ptx_rows is not None and cfg.ptx_coef > 0:
         examples = ptx_examples(job.ptx_rows, job.tokenizer, cfg.max_prompt_length + cfg.max_new_tokens)
@@ -163,16 +176,30 @@ def setup(cfg, job: Job) -> Run:
         eos_token_id=job.tokenizer.eos_token_id, pad_token_id=job.tokenizer.pad_token_id,
     )
     sampling = RolloutSettings(generation, cfg.temperature, layout, policy_pass=not one_pass(cfg), merge=cfg.merge_for_sampling and not sharded)
-    held_out = HeldOut(accelerator, models, job.tokenizer, cfg, job.stats, layout)
+    held_out = HeldOut(accelerator, models, job.tokenizer, cfg, job.sources, layout)
     if accelerator.is_main_process:
         accelerator.init_trackers("rlhf", config={"seed": job.seed})
     encoded = [encode_prompt(job.tokenizer, p) for p in job.prompts]
-    return Run(accelerator, models, Learner(accelerator, wrapped, optimizer, cfg, layout, ptx), scheduler, kl_ctl, progress, sampling, held_out, encoded, note)
+    learner = Learner(accelerator, wrapped, optimizer, cfg, layout, objective(cfg), ptx)
+    return Run(accelerator, models, learner, scheduler, kl_ctl, progress, sampling, held_out, encoded, note)
 
 
-def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, int]) -> dict:
+def objective(cfg) -> Objective:
+    """The loss's choices: the settings where given, else the estimator's (rl/advantages.py)."""
+    estimator = ESTIMATORS[cfg.advantage]
+    return Objective(
+        kl_in_loss=(cfg.kl_penalty or estimator.kl_penalty) == "loss",
+        kl_estimator=cfg.kl_estimator or estimator.kl_estimator,
+        aggregation=cfg.loss_aggregation or estimator.aggregation,
+        group_size=cfg.samples_per_prompt,
+    )
+
+
+def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, int, str | None]) -> dict:
     """The held-out check after training, the final folders, and the stage's metrics."""
-    accelerator, (eval_before, steps_this_attempt) = run.accelerator, started
+    accelerator, (eval_before, steps_this_attempt, stopped) = run.accelerator, started
+    if stopped is not None:
+        accelerator.print(f"[rlhf] stopped early at step {run.progress.step} of {cfg.steps}: {stopped}")
     eval_after = evaluate_policy(run.held_out, job.held, keep_text=cfg.num_samples)
     accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
     save_final(accelerator, run.models.trained, job.tokenizer, job.out_dir, eval_before, eval_after)
@@ -193,7 +220,11 @@ def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, in
         "mean_scores_first": history[0]["objective/scores"] if history else None,
         "mean_scores_last": last.get("objective/scores"),
         "seconds_per_step": sum(h["time/step"] for h in history) / len(history) if history else None,
-        "reward_normalisation": {"mean": job.stats[0], "std": job.stats[1]} if job.stats else None,
+        "advantage": cfg.advantage,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "objective": vars(run.learner.objective),
+        "stopped_early": stopped,
+        "reward_sources": [{"name": s.name, "role": s.role, "weight": s.weight, "normalisation": s.stats or ("running" if s.name in job.sources.moments else None)} for s in job.sources.sources],
         "trainable_parameters": sum(p.numel() for p in run.models.trained.parameters() if p.requires_grad),
         "fallbacks": run.fallbacks.taken,
     }

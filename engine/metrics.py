@@ -40,13 +40,13 @@ class StepRecord:
     timer: Timer
 
 
-def step_metrics(accelerator, record: StepRecord) -> dict:
-    """One metrics.jsonl row, averaged over processes."""
+def step_metrics(accelerator, record: StepRecord, sources=None) -> dict:
+    """One metrics.jsonl row, averaged over processes; with the run's reward `sources`
+    (engine.rewards.Sources), also each source's mean rating, `reward/<name>`."""
     batch, scores, non_score = record.batch, record.scores, record.non_score
     mask = batch.response_mask
     local = {
         "objective/scores": scores.mean(),
-        "objective/raw_scores": batch.scores.mean(),
         "objective/non_score_reward": non_score.sum(1).mean(),
         "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
         "response/length": sequence_lengths(mask).float().mean(),
@@ -55,6 +55,10 @@ def step_metrics(accelerator, record: StepRecord) -> dict:
     row = {"step": record.step, "episode": record.episodes}
     for key, value in local.items():
         row[key] = accelerator.reduce(value.detach().float(), "mean").item()
+    if sources is not None:
+        for key, pair in sources.metrics(batch.ratings, batch.rated).items():
+            total, count = accelerator.reduce(pair.float(), "sum").tolist()
+            row[key] = total / count if count else None
     row["objective/kl"] = record.kl
     row["objective/kl_coef"] = record.kl_coef
     for key, value in record.update.items():
@@ -67,12 +71,3 @@ def step_metrics(accelerator, record: StepRecord) -> dict:
     tokens = accelerator.reduce(mask.sum().float() + batch.query_mask.sum().float(), "sum").item()
     row["tokens_per_second"] = round(tokens / total, 1) if total else None
     return row
-
-
-def gold_score(accelerator, judge, tokenizer, chat_prompts, batch: Rollout) -> float | None:
-    """Mean judge score of this step's responses over all processes (None if it rates none)."""
-    lengths = sequence_lengths(batch.response_mask)
-    golds = [judge(p[-1]["content"], tokenizer.decode(batch.responses[r, : lengths[r]], skip_special_tokens=True).strip()) for r, p in enumerate(chat_prompts)]
-    golds = [g for g in golds if g is not None]
-    total = accelerator.reduce(torch.tensor([sum(golds), len(golds)], dtype=torch.float32, device=accelerator.device), "sum")
-    return (total[0] / total[1]).item() if total[1] > 0 else None

@@ -1,12 +1,13 @@
 """The models of a PPO run, built once: the policy and the value as one module (one
 optimiser, one `accelerator.prepare`, one backward serve both), the reference and the
-frozen reward model. Which value layout runs is one lookup in `values.LAYOUTS`.
+frozen reward model. Which value layout runs is one lookup in `values.LAYOUTS`;
+critic-free estimators run none (`values.NoValue`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,8 +15,9 @@ from torch import nn
 
 from engine.packing import Packed
 from engine.policy import AdapterOffReference, FrozenReference, Policy, frozen, no_dropout
-from engine.values import LAYOUTS, BuildInputs, ValueLayout, head_from
+from engine.values import LAYOUTS, BuildInputs, NoValue, ValueLayout, head_from
 from pipeline.config import ConfigError
+from rl.advantages import ESTIMATORS
 from rl.tokens import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits
 
 
@@ -26,8 +28,8 @@ class PolicyAndValue(nn.Module):
         self.value = value
 
     def forward(self, packed: Packed, temperature: float, ptx=None):
-        """(log-probs of each response token under the policy, values, entropy), each
-        (batch, response_len) with INVALID_LOGPROB / 0 / 0 off the mask, and the PPO-ptx
+        """(log-probs of each response token under the policy, values (None without a
+        value), entropy), each (batch, response_len) with INVALID_LOGPROB / 0 / 0 off the mask, and the PPO-ptx
         language-modelling loss on `ptx` = (input_ids, attention_mask, labels), or None."""
         if self.value.needs_policy_hidden:
             logits, hidden = self.policy.logits(packed, hidden=True)
@@ -38,30 +40,43 @@ class PolicyAndValue(nn.Module):
         with torch.no_grad():
             entropy = entropy_from_logits(logits, temperature)
         ptx_loss = self.policy.ptx_loss(*ptx) if ptx is not None else None
-        return packed.unpack(logprobs, INVALID_LOGPROB), packed.unpack(values, 0.0), packed.unpack(entropy, 0.0), ptx_loss
+        values = packed.unpack(values, 0.0) if values is not None else None
+        return packed.unpack(logprobs, INVALID_LOGPROB), values, packed.unpack(entropy, 0.0), ptx_loss
 
 
 @dataclass
 class Models:
     trained: PolicyAndValue
     reference: FrozenReference | AdapterOffReference
-    reward_model: nn.Module
-    """Frozen; scores with any value adapter on it disabled."""
+    reward_model: nn.Module | None
+    """The run's first reward-model source (the value layouts start from it), frozen; scores
+    with any value adapter on it disabled. None when every reward source is a function."""
+
+    scorers: list[nn.Module] = field(default_factory=list)
+    """Every reward-model source's scorer, in the order of the run's sources (the first is
+    `reward_model`); set by `engine.rewards.attach_models`."""
+
+    def __post_init__(self):
+        if not self.scorers and self.reward_model is not None:
+            self.scorers = [self.reward_model]
 
     def forward_models(self) -> list[nn.Module]:
         """Every model that runs forward passes on packed sequences, for `probes.layout_for`."""
-        return [self.trained.policy.model, self.reward_model, *self.trained.value.own_models(), *self.reference.own_models()]
+        scorers = [m for m in [self.reward_model, *self.scorers] if m is not None]
+        return [self.trained.policy.model, *scorers, *self.trained.value.own_models(), *self.reference.own_models()]
 
 
-def load_models(cfg, policy_dir: Path, rm_dir: Path, reward_std: float = 1.0, note: Callable[[str], None] = print) -> Models:
+def load_models(cfg, policy_dir: Path, rm_dir: Path | None, reward_std: float = 1.0, note: Callable[[str], None] = print) -> Models:
     """Every model of the run, dropout off everywhere (with it, the update's log-probs
-    would differ from the rollout's for no reason)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    would differ from the rollout's for no reason). A critic-free estimator builds no
+    value; `rm_dir` None (every reward a function) is for critic-free runs only."""
+    from transformers import AutoModelForCausalLM
 
-    reward_model = frozen(AutoModelForSequenceClassification.from_pretrained(rm_dir, **no_dropout(rm_dir)))
-    if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
-        raise ConfigError(f"{rm_dir}: not a one-label reward model (num_labels={reward_model.config.num_labels})")
-    layout = LAYOUTS[(cfg.value_model, cfg.method)]
+    critic = ESTIMATORS[cfg.advantage].needs_values
+    reward_model = load_reward_model(rm_dir) if rm_dir is not None else None
+    if reward_model is None and critic:
+        raise ConfigError(f"rlhf.advantage: {cfg.advantage} trains a value model, which starts from a reward model; add a reward-model source to rlhf.rewards")
+    layout = LAYOUTS[(cfg.value_model, cfg.method)] if critic else NoValue
     model = AutoModelForCausalLM.from_pretrained(policy_dir, **no_dropout(policy_dir))
     head = head_from(reward_model, reward_std) if layout.uses_head else None
     lora = cfg.lora.peft_config("CAUSAL_LM", dropout=0.0) if cfg.method == "lora" else None
@@ -71,7 +86,17 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path, reward_std: float = 1.0, no
     trained = PolicyAndValue(policy, value)
     trained.eval()
     policy.use()
-    return Models(trained, reference, value.scorer(reward_model))
+    return Models(trained, reference, value.scorer(reward_model) if reward_model is not None else None)
+
+
+def load_reward_model(rm_dir: Path) -> nn.Module:
+    """A reward-model folder as a frozen one-label sequence classifier, dropout off."""
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = frozen(AutoModelForSequenceClassification.from_pretrained(rm_dir, **no_dropout(rm_dir)))
+    if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
+        raise ConfigError(f"{rm_dir}: not a one-label reward model (num_labels={reward_model.config.num_labels})")
+    return reward_model
 
 
 def check_same_tokenizer(tokenizer, rm_dir: Path) -> None:

@@ -1,6 +1,7 @@
-"""Step 1 of PPO: sample responses to a batch of prompts and score them, giving a
-`Rollout` with the reward model's scores, the reference's log-probs and, unless the
-update's own forward will provide them, the policy's old log-probs and values."""
+"""Step 1: sample responses to a batch of prompts and score them, giving a `Rollout`
+with every reward model's scores (`ratings`; reward functions rate the text in step 2),
+the reference's log-probs and, unless the update's own forward will provide them, the
+policy's old log-probs and values."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class RolloutSettings:
 
 @torch.no_grad()
 def make_rollout(models: Models, queries: torch.Tensor, query_mask: torch.Tensor, how: RolloutSettings, timer, note: Callable[[str], None] = print) -> Rollout:
-    """queries, query_mask: (batch, prompt_len), left-padded."""
+    """queries, query_mask: (batch, prompt_len), left-padded; the K answers to one
+    prompt are K consecutive rows, sampled in this one batch."""
     trained = models.trained
     config = how.generation
     with timer("generation"), trained.policy.sampling_weights(how.merge, note) as sampler:
@@ -41,11 +43,15 @@ def make_rollout(models: Models, queries: torch.Tensor, query_mask: torch.Tensor
     packed = pack_rollout(batch, how.layout)
     with timer("scoring"):
         keep = trained.value.keep_layer
-        if keep is not None:
-            batch.scores, batch.value_inputs = reward_scores(models.reward_model, packed, keep_layer=keep)
-            packed.value_inputs = packed.from_grid(batch.value_inputs)
-        else:
-            batch.scores = reward_scores(models.reward_model, packed)
+        columns = []
+        for scorer in models.scorers:
+            if keep is not None and scorer is models.reward_model:
+                score, batch.value_inputs = reward_scores(scorer, packed, keep_layer=keep)
+                packed.value_inputs = packed.from_grid(batch.value_inputs)
+            else:
+                score = reward_scores(scorer, packed)
+            columns.append(score)
+        batch.ratings = torch.stack(columns, 1) if columns else queries.new_zeros((len(queries), 0), dtype=torch.float32)
         if how.policy_pass:
             logprobs, values, _, _ = trained(packed, how.temperature)
             batch.set_old(logprobs, values)

@@ -49,12 +49,12 @@ class ValueLayout(nn.Module):
     keep_layer: int | None = None
     """The reward model's decoder layer whose input states scoring should record for `values`."""
 
-    def values(self, policy: Policy, packed: Packed, policy_hidden: torch.Tensor | None) -> torch.Tensor:
-        """V of the state each real response token was chosen in: (n,) float32."""
+    def values(self, policy: Policy, packed: Packed, policy_hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """V of the state each real response token was chosen in: (n,) float32 (None: no value)."""
         raise NotImplementedError
 
-    def save_model(self, policy: Policy) -> nn.Module:
-        """The value as a plain sequence-classification model, for value/."""
+    def save_model(self, policy: Policy) -> nn.Module | None:
+        """The value as a plain sequence-classification model, for value/ (None: no value)."""
         raise NotImplementedError
 
     def scorer(self, reward_model: nn.Module) -> nn.Module:
@@ -189,6 +189,23 @@ class SharedHead(ValueLayout):
 
     def save_model(self, policy):
         return value_model_from(policy.merged_copy(), self.head)
+
+
+class NoValue(ValueLayout):
+    """Critic-free estimators (GRPO, RLOO, ...): the group of answers to a prompt is the
+    baseline, so no value model is built, trained or saved."""
+
+    uses_head = False
+
+    @classmethod
+    def build(cls, given: BuildInputs) -> NoValue:
+        return cls()
+
+    def values(self, policy, packed, policy_hidden):
+        return None
+
+    def save_model(self, policy):
+        return None
 
 
 LAYOUTS: dict[tuple[str, str], type[ValueLayout]] = {

@@ -160,6 +160,12 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, Any]:
             key = f"{prefix}{key_node.value}"
             found[key] = key_node.start_mark.line + 1
             found.update(_key_lines(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode) and prefix:
+        # Items of a list are keyed `section.key[i]`, so an error inside one names it and its line.
+        for i, item in enumerate(node.value):
+            key = f"{prefix[:-1]}[{i}]"
+            found[key] = item.start_mark.line + 1
+            found.update(_key_lines(item, key + "."))
     return found
 
 
@@ -233,7 +239,7 @@ def _convert(value: Any, hint: Any, key: str, locate) -> Any:
         return value
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
-        return tuple(_convert(v, args[0], key, locate) for v in items)
+        return tuple(_convert(v, args[0], f"{key}[{i}]" if dataclasses.is_dataclass(args[0]) else key, locate) for i, v in enumerate(items))
     if hint is bool:
         if not isinstance(value, bool):
             raise _TypeMismatch(f"expected true or false, got {_show(value)}")
@@ -313,7 +319,7 @@ def fingerprint_view(cfg: Any, hash_file) -> dict:
             local = resolve_local(value)
             value = hash_file(local) if local is not None else value
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [fingerprint_view(v, hash_file) if dataclasses.is_dataclass(v) else v for v in value]
         view[f.name] = value
     return view
 

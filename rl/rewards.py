@@ -1,6 +1,7 @@
-"""From reward-model scores to per-token rewards: normalisation, the missing-EOS
-penalty, the per-token KL penalty (Ziegler et al. 2019, arXiv:1909.08593) and the
-controllers that set its coefficient.
+"""From reward sources' ratings to per-token rewards: normalisation (held-out or
+running), the weighted sum of the train sources, the missing-EOS penalty, the per-token
+KL penalty (Ziegler et al. 2019, arXiv:1909.08593) and the controllers that set its
+coefficient.
 
 All (batch,) or (batch, response_len); pure torch.
 """
@@ -99,18 +100,72 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
 
-def ppo_rewards(batch: Rollout, settings, stats: tuple[float, float] | None, kl_coef: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Step 2 of PPO for one rollout: the score standardised with the reward model's
-    held-out `stats` (and clipped to +-settings.score_clip), minus the missing-EOS
-    penalty, on the last real token; -kl_coef * KL on every real token; whitened
-    without moving their mean if settings.whiten_rewards.
+def ppo_rewards(batch: Rollout, settings, kl_coef: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step 2 for one rollout whose train reward `batch.scores` is already standardised
+    and summed (`combine_ratings`): clipped to +-settings.score_clip, minus the
+    missing-EOS penalty, on the last real token; -kl_coef * KL (k1) on every real token
+    (kl_coef 0 when the KL is a loss term instead); whitened without moving their mean
+    if settings.whiten_rewards.
 
     Returns (scores (batch,), rewards, non_score_rewards, kl), the last three
-    (batch, response_len)."""
-    scores = normalize_scores(batch.scores, stats, settings.score_clip)
+    (batch, response_len); kl is the k1 estimate, whatever the coefficient."""
+    scores = normalize_scores(batch.scores, None, settings.score_clip)
     scores = penalize_missing_eos(scores, batch.ended, settings.missing_eos_penalty)
     kl = per_token_kl(batch.logprobs, batch.ref_logprobs, batch.response_mask)
     rewards, non_score = shaped_rewards(scores, kl, kl_coef, batch.response_mask)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, batch.response_mask, shift_mean=False)
     return scores, rewards, non_score, kl
+
+
+# Several reward sources: each standardised on its own, then weighted and summed.
+
+
+class RunningMoments:
+    """Mean and variance of every value seen so far (Chan et al.'s parallel update, exact
+    for any split into batches), checkpointed with the run. A reward function's scale
+    is unknown in advance, so its ratings are standardised by what it has given."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: Tensor) -> None:
+        """Take in a batch; NaN (unrated) values are skipped."""
+        values = values[~torch.isnan(values)].double()
+        n = len(values)
+        if n == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_m2 = ((values - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def mean_std(self) -> tuple[float, float]:
+        """(mean, std) with Bessel's correction; std 1 until two values differ, so an early
+        run of equal ratings (every answer wrong) is centred, not blown up."""
+        if self.count < 2 or self.m2 <= 1e-12:
+            return self.mean, 1.0
+        return self.mean, (self.m2 / (self.count - 1)) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def combine_ratings(ratings: Tensor, means: Tensor, stds: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The train reward from several sources' ratings.
+
+    ratings: (batch, sources), NaN where a source could not rate; means, stds, weights:
+    (sources,), weight 0 for a source that only audits. Each rating is standardised,
+    (r - mean) / std, weighted and summed over the sources that rated the episode, so
+    an unrated source counts as its mean. Returns (scores (batch,), rated (batch,)
+    bool: some weighted source rated the episode; its score is 0 otherwise)."""
+    standard = (ratings - means) / stds * weights
+    counts = ~torch.isnan(ratings) & (weights != 0)
+    scores = torch.where(counts, standard, torch.zeros_like(standard)).sum(1)
+    return scores, counts.any(1)

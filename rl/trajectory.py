@@ -20,7 +20,9 @@ class Rollout:
     response_mask: torch.Tensor  # bool, true up to and including the first EOS
     ended: torch.Tensor  # (batch,) bool: the response produced an EOS
     ref_logprobs: torch.Tensor | None = None  # log pi_ref(token), INVALID_LOGPROB off the mask
-    scores: torch.Tensor | None = None  # (batch,) raw reward-model scores, read at the last real token
+    ratings: torch.Tensor | None = None  # (batch, sources) raw rating by each reward source (engine/rewards.py), NaN where a function could not rate
+    scores: torch.Tensor | None = None  # (batch,) the train reward: each train source normalised on its own, weighted and summed
+    rated: torch.Tensor | None = None  # (batch,) bool: some train source rated the episode (its score means something)
     logprobs: torch.Tensor | None = None  # log pi_old(token), INVALID_LOGPROB off the mask
     values: torch.Tensor | None = None  # V_old(prefix), 0 off the mask
     value_inputs: torch.Tensor | None = None  # (batch, prompt_len + response_len, hidden): the reward model's hidden states entering the value's first layer, when the value runs only its top layers

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 CURVES = (  # (metrics.jsonl key, panel title)
-    ("objective/scores", "reward-model score (normalised)"),
-    ("objective/gold_score", "gold score (judge)"),
+    ("objective/scores", "train reward (normalised)"),
+    ("reward/gold", "gold score (audit source)"),
     ("objective/kl", "KL from SFT (per episode)"),
     ("response/length", "response length (tokens)"),
 )

@@ -1,10 +1,13 @@
-"""Stage 4, rlhf: PPO of the SFT policy against the frozen reward model, with a
-per-token KL penalty to the SFT reference (Ziegler et al. 2019; InstructGPT §3.5).
+"""Stage 4, rlhf: reinforcement learning of the SFT policy against its reward sources,
+with a KL penalty to the SFT reference: PPO with a value model (Ziegler et al. 2019;
+InstructGPT §3.5) by default, or a critic-free group estimator (GRPO, RLOO,
+REINFORCE++-baseline, Dr. GRPO) over K answers per prompt.
 
 This module is the stage: its settings, the checks of its inputs before anything
 runs, and reading them into an `engine.driver.Job`. The loop itself is
 `engine.driver.train` (rollout, rewards, advantages, update, bookkeeping); the math
-is in rl/, the model side in engine/.
+is in rl/ (the estimators in rl/advantages.py), the model side in engine/, the reward
+sources' checks in stages/rlhf_rewards.py.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import ConfigError, SettingError, setting
+from stages.rlhf_rewards import RUN_RM, RewardSpec, check_rewards, kind
 from stages.shared import data
-from stages.shared.judge import load_judge, reward_stats
+from stages.shared.judge import load_callable, reward_stats
 from stages.shared.settings import LoraSettings, check_loggers, check_lora, check_model_folder
 
 
@@ -33,6 +37,25 @@ class RlhfData:
     def __post_init__(self):
         if not 0 < self.eval_fraction < 1:
             raise SettingError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Stop the run early (keeping the policy of that step) when it starts gaming its
+    reward. Off unless `audit` or `min_length` is set (engine/guard.py)."""
+
+    audit: str | None = None
+    """An audit reward source's name: stop when, over `window` steps, the train reward
+    rises while this source's mean falls."""
+    window: int = 5
+    min_length: float | None = None
+    """Stop when the responses average fewer tokens than this over `window` steps (collapse)."""
+
+    def __post_init__(self):
+        if self.window < 2:
+            raise SettingError("window", f"must be at least 2 (a trend needs two steps), got {self.window}")
+        if self.min_length is not None and self.min_length <= 0:
+            raise SettingError("min_length", f"must be positive (or null for off), got {self.min_length}")
 
 
 @dataclass(frozen=True)
@@ -68,8 +91,33 @@ class RlhfConfig:
     """Episodes per optimiser step; divides batch_size."""
     microbatch_size: int = 8
     """Episodes per forward/backward (gradient accumulation inside a minibatch); divides minibatch_size."""
-    advantage: Literal["gae"] = "gae"
-    """The advantage estimator, by name in rl/advantages.py's ESTIMATORS: gae (whitened)."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_baseline", "dr_grpo"] = "gae"
+    """The advantage estimator, by name in rl/advantages.py's ESTIMATORS. gae: PPO with a
+    value model (advantages whitened). The critic-free ones need samples_per_prompt >= 2
+    and build, train and save no value model: grpo (group mean and std), dr_grpo (group
+    mean, no std, constant loss normaliser), rloo (leave-one-out mean),
+    reinforce_baseline (group mean of the score, then whitened over the batch)."""
+    samples_per_prompt: int = 1
+    """K answers sampled for each prompt, as one batch; batch_size counts answers, so a
+    step rolls out batch_size / K prompts per process. A group is sampled, scored and
+    baselined on one process, and shares its prompt in every packed forward."""
+    kl_penalty: Literal["reward", "loss"] | None = None
+    """Where the KL to the reference goes: shaped into the per-token reward, or a loss
+    term beside the policy loss. null: the estimator's choice (gae, rloo: reward, as
+    InstructGPT and TRL's RLOO; grpo, dr_grpo, reinforce_baseline: loss, as DeepSeekMath,
+    TRL's GRPO and OpenRLHF)."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """The KL estimator of the loss term (rl/kl.py). null: the estimator's (grpo, dr_grpo:
+    k3; reinforce_baseline: k2). The reward shaping always uses k1, the exact log ratio."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
+    """How the per-token loss is averaged: over every token of the microbatch, per answer
+    then over answers (GRPO's paper), or summed over max_new_tokens per answer (Dr. GRPO).
+    null: the estimator's."""
+    rewards: tuple[RewardSpec, ...] = (RewardSpec(source="rm"),)
+    """The reward sources: reward-model folders ("rm" is the run's) and functions
+    `module:function` rating a batch of (prompt, completion) pairs, each with a weight
+    and a role (train or audit); see stages/rlhf_rewards.py."""
+    guard: GuardSettings = GuardSettings()
     ppo_epochs: int = 4
     """With 1, and microbatch_size == batch_size, the rollout skips its policy (and value)
     forward: the update's forward, on the same weights, gives the same numbers."""
@@ -88,7 +136,7 @@ class RlhfConfig:
     """Set to adapt kl_coef toward this KL per episode (Ziegler et al.'s controller); null keeps it fixed."""
     kl_horizon: int = 10000
     normalize_scores: bool = True
-    """Standardise scores with the held-out mean and std the RM stage stored."""
+    """false: no reward source is standardised (each one's own `normalize` is ignored)."""
     score_clip: float | None = None
     """Clip (normalised) scores to +-this."""
     missing_eos_penalty: float = 1.0
@@ -108,9 +156,7 @@ class RlhfConfig:
     eval_batch_size: int = setting(16, fingerprint=False)
     num_samples: int = setting(4, fingerprint=False)
     judge: str | None = setting(None, fingerprint=False)
-    """A gold judge (module:function, see the eval stage) whose mean score on each step's
-    rollouts is logged as objective/gold_score, to watch for reward over-optimisation.
-    Training never sees it."""
+    """Replaced by an audit reward source: rewards: [{source: rm}, {source: demo.rewards:gold, role: audit}]."""
     report_to: tuple[str, ...] = setting(("none",), fingerprint=False)
     """Trackers accelerate logs to, besides metrics.jsonl: tensorboard, wandb, ..."""
 
@@ -137,23 +183,45 @@ class RlhfConfig:
             raise SettingError("value_layers", f"must be at least 1 (or null for every layer), got {self.value_layers}")
         if self.ptx_coef > 0 and self.data.ptx is None:
             raise SettingError("ptx_coef", "needs data.ptx (prompt-response rows to keep modelling)")
+        if self.judge is not None:
+            raise SettingError("judge", f"is now an audit reward source: rewards: [{{source: rm}}, {{source: {_batch_judge(self.judge)}, role: audit, name: gold}}]")
+        self._check_groups()
+
+    def _check_groups(self):
+        from rl.advantages import ESTIMATORS
+
+        if self.samples_per_prompt < 1:
+            raise SettingError("samples_per_prompt", f"must be at least 1, got {self.samples_per_prompt}")
+        if self.batch_size % self.samples_per_prompt:
+            raise SettingError("samples_per_prompt", f"must divide batch_size ({self.batch_size}): a step rolls out whole groups, got {self.samples_per_prompt}")
+        if ESTIMATORS[self.advantage].needs_groups and self.samples_per_prompt < 2:
+            raise SettingError("samples_per_prompt", f"must be at least 2 for advantage {self.advantage} (the group is the baseline), got {self.samples_per_prompt}")
 
     def unused(self) -> set[str]:
+        from rl.advantages import ESTIMATORS
+
         unused = {"lora", "value_layers", "merge_for_sampling"} if self.method == "full" else set()
         if self.value_model == "shared":
             unused.add("value_layers")
+        if not ESTIMATORS[self.advantage].needs_values:
+            unused |= {"value_model", "value_layers", "vf_coef", "clip_range_value", "lam"}
         if self.kl_target is None:
             unused.add("kl_horizon")
         return unused
 
 
 def check(cfg: RlhfConfig) -> None:
+    from engine.reward_functions import prompt_text
+
     check_loggers(cfg.report_to, "rlhf.report_to")
     check_lora(cfg, "rlhf.lora")
-    load_judge(cfg.judge, "rlhf.judge")
     check_model_folder(cfg.init_from, "rlhf.init_from")
     check_model_folder(cfg.reward_model, "rlhf.reward_model")
-    data.read_prompts(cfg.data.prompts, "rlhf.data.prompts")
+    prompts = data.read_prompts(cfg.data.prompts, "rlhf.data.prompts")
+    check_rewards(cfg.rewards, "rlhf.rewards", [prompt_text(p) for p in prompts])
+    names = {spec.metric_name for spec in cfg.rewards if spec.role == "audit"}
+    if cfg.guard.audit is not None and cfg.guard.audit not in names:
+        raise ConfigError(f"rlhf.guard.audit: {cfg.guard.audit!r} is not an audit reward source (audit sources: {sorted(names) or 'none'})")
     if cfg.data.eval_prompts is not None:
         data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
     if cfg.data.ptx is not None:
@@ -174,27 +242,53 @@ def run(cfg: RlhfConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
 
 
 def train(cfg: RlhfConfig, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: int) -> dict:
-    """Read and check this run's inputs (prompts, tokenizers, the RM's statistics, the
-    judge, PPO-ptx rows) into a Job, then run PPO on it."""
+    """Read and check this run's inputs (prompts, tokenizers, the reward sources with
+    their statistics, PPO-ptx rows) into a Job, then run the RL loop on it."""
     from engine import driver
-    from engine.models import check_same_tokenizer
     from stages.shared.training import load_tokenizer
 
     tokenizer = load_tokenizer(policy_dir)
-    check_same_tokenizer(tokenizer, rm_dir)
     prompts = data.read_prompts(cfg.data.prompts, "rlhf.data.prompts", cfg.max_prompt_length, tokenizer)
     if cfg.data.eval_prompts is not None:
         held = data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts", cfg.max_prompt_length, tokenizer)
     else:
         prompts, held = data.split_rows(prompts, None, cfg.data.eval_fraction, seed, "rlhf.data.prompts")
-    stats = reward_stats(rm_dir) if cfg.normalize_scores else None
-    if cfg.normalize_scores and stats is None:
-        raise ConfigError(f"{rm_dir}: no reward_mean/reward_std in its manifest (not built by the rm stage); set rlhf.normalize_scores: false")
+    if len(prompts) < cfg.batch_size // cfg.samples_per_prompt:
+        raise ConfigError(f"rlhf.data.prompts: {len(prompts)} training prompt(s), fewer than one step's {cfg.batch_size // cfg.samples_per_prompt}")
     rows = ptx_rows(cfg) if cfg.ptx_coef > 0 else None
     if rows is not None and len(rows) < cfg.microbatch_size:
         raise ConfigError(f"rlhf.data.ptx: {len(rows)} row(s), fewer than one microbatch ({cfg.microbatch_size})")
-    job = driver.Job(Path(policy_dir), Path(rm_dir), Path(out_dir), seed, tokenizer, prompts, held, stats, load_judge(cfg.judge, "rlhf.judge"), rows)
+    sources = reward_sources(cfg, Path(rm_dir), tokenizer)
+    job = driver.Job(Path(policy_dir), Path(out_dir), seed, tokenizer, prompts, held, sources, rows)
     return driver.train(cfg, job)
+
+
+def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer):
+    """The configured reward sources as the engine's records: folders checked against the
+    policy's tokenizer and given their held-out statistics, functions loaded."""
+    from engine.models import check_same_tokenizer
+    from engine.rewards import Source, Sources
+
+    sources = []
+    for i, spec in enumerate(cfg.rewards):
+        key = f"rlhf.rewards[{i}]"
+        normalize = spec.normalize and cfg.normalize_scores
+        if kind(spec) == "function":
+            function = load_callable(spec.source, f"{key}.source")
+            sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, function=function, spec=spec.source))
+            continue
+        folder = rm_dir if spec.source == RUN_RM else Path(spec.source)
+        check_same_tokenizer(tokenizer, folder)
+        stats = reward_stats(folder) if normalize else None
+        if normalize and stats is None:
+            raise ConfigError(f"{key}: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
+        sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, model_dir=folder, stats=stats))
+    return Sources(sources)
+
+
+def _batch_judge(judge: str) -> str:
+    """What an old `rlhf.judge` becomes as a batch reward function, where the project has one."""
+    return {"demo.judge:gold_score": "demo.rewards:gold"}.get(judge, judge)
 
 
 def ptx_rows(cfg: RlhfConfig) -> list[dict]:

@@ -127,7 +127,7 @@ def test_a_value_on_the_top_layers_of_the_reward_model_learns_the_returns(policy
     torch.manual_seed(0)
     batch = rollout.make_rollout(loaded, queries, query_mask, rollout.RolloutSettings(generation, 1.0, layout), Timer())
     assert batch.value_inputs is not None and batch.value_inputs.shape[:2] == (8, queries.shape[1] + batch.responses.shape[1])
-    shaped, _ = rl_rewards.shaped_rewards(batch.scores, torch.zeros_like(batch.logprobs), 0.0, batch.response_mask)
+    shaped, _ = rl_rewards.shaped_rewards(batch.ratings[:, 0], torch.zeros_like(batch.logprobs), 0.0, batch.response_mask)
     advantage, returns = advantages.gae(shaped, batch.values, batch.response_mask, 1.0, 0.95)
     learner = update.Learner(accelerator, wrapped, optimizer, cfg, layout)
     losses = [update.ppo_update(learner, batch, advantage, returns)["loss/value"] for _ in range(40)]

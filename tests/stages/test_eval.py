@@ -38,7 +38,8 @@ def tiny_run(tiny_model_dir, sft_rows, tmp_path_factory):
         tmp, tiny_model_dir, train, sft={"max_steps": 2},
         rm={**TINY_RM, "data": {"train": str(rankings)}, "max_steps": 3, "batch_size": 4, "criteria": "demo.judge:gold_parts"},
         rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2, "batch_size": 4, "minibatch_size": 2,
-              "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1, "judge": JUDGE},
+              "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1,
+              "rewards": [{"source": "rm"}, {"source": "demo.rewards:gold", "role": "audit", "name": "gold"}]},
         eval={"prompts": str(held), "judge": JUDGE, "max_new_tokens": 6, "num_samples": 2},
     )
     assert cli.main(["run", "--config", str(path)]) == 0
@@ -58,7 +59,7 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
         AutoModelForSequenceClassification.from_pretrained(run / folder)
 
     history = [json.loads(line) for line in (run / "rlhf" / "metrics.jsonl").read_text().splitlines()]
-    assert all(isinstance(row["objective/gold_score"], float) for row in history), "the judge is logged on every PPO step"
+    assert all(isinstance(row["reward/gold"], float) for row in history), "the gold audit source is logged on every PPO step"
     image = imread(run / "eval" / "ppo_curves.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 400
 
@@ -140,12 +141,16 @@ def test_a_judge_named_wrongly_is_refused(spec, message):
         load_judge(spec, "eval.judge")
 
 
-@pytest.mark.parametrize("section, key", [("rlhf", "judge"), ("rm", "criteria")])
-def test_a_bad_judge_stops_the_run_before_training(tiny_model_dir, sft_rows, tmp_path, capsys, section, key):
+@pytest.mark.parametrize("section, settings, message", [
+    ("rm", {"criteria": "demo.judge:missing"}, "rm.criteria: 'demo.judge' has no function 'missing'"),
+    ("rlhf", {"rewards": [{"source": "rm"}, {"source": "demo.rewards:missing", "role": "audit"}]}, "rlhf.rewards[1].source: 'demo.rewards' has no function 'missing'"),
+    ("rlhf", {"judge": "demo.judge:gold_score"}, "rlhf.judge: is now an audit reward source: rewards: [{source: rm}, {source: demo.rewards:gold, role: audit, name: gold}]"),
+])
+def test_a_bad_judge_stops_the_run_before_training(tiny_model_dir, sft_rows, tmp_path, capsys, section, settings, message):
     train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:8])
-    path = tiny_config(tmp_path, tiny_model_dir, train, **{section: {key: "demo.judge:missing"}})
+    path = tiny_config(tmp_path, tiny_model_dir, train, **{section: settings})
     assert cli.main(["run", "--config", str(path)]) == 2
-    assert f"{section}.{key}: 'demo.judge' has no function 'missing'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tiny" / "base").exists(), "nothing was built"
 
 
@@ -177,7 +182,8 @@ def test_generate_names_a_stage_that_is_not_built(tmp_path, tiny_model_dir, sft_
 
 def test_default_config_wires_the_demo_judge():
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    assert config["eval"]["judge"] == config["rlhf"]["judge"] == JUDGE
+    assert config["eval"]["judge"] == JUDGE
+    assert config["rlhf"]["rewards"] == [{"source": "rm"}, {"source": "demo.rewards:gold", "role": "audit", "name": "gold"}], "the judge is watched, never trained on"
     assert config["eval"]["prompts"] == "configs/data/demo_eval.jsonl"
 
 
