@@ -1,6 +1,7 @@
 """`python -m pipeline` for the two-process PPO tests, run under torchrun: it records
 what each process did, its prompt indices at every step and a checksum of its
-trainable weights after every update, in $PPO_RECORD.<rank>.jsonl. Not a test itself."""
+trainable weights after every update (and each episode's prompt and first-token
+advantage), in $PPO_RECORD.<rank>.jsonl. Not a test itself."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ def main() -> int:
         record.flush()
         return indices
 
-    def update(learner, *args, **kwargs):
-        stats = ppo_update(learner, *args, **kwargs)
+    def update(learner, batch, advantages, *args, **kwargs):
+        stats = ppo_update(learner, batch, advantages, *args, **kwargs)
         params = [p.detach().double() for p in learner.model.parameters() if p.requires_grad]
         sums = [float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params))]
-        record.write(json.dumps({"weights": sums}) + "\n")
+        # Which prompt each episode answered, and its advantage on its first token: enough
+        # to see that groups stay whole on one process and are baselined as a whole.
+        queries = [hash(tuple(row[mask.bool()].tolist())) for row, mask in zip(batch.queries, batch.query_mask, strict=True)]
+        record.write(json.dumps({"weights": sums, "queries": queries, "advantages": advantages[:, 0].tolist()}) + "\n")
         record.flush()
         return stats
 

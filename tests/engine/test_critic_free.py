@@ -82,3 +82,15 @@ def test_an_audit_source_never_reaches_the_gradient(policy_dir, planted_rm, prom
     assert all("reward/shouting" in row for row in history(tmp_path / "audited"))
     expected, actual = load_file(tmp_path / "rm" / "model.safetensors"), load_file(tmp_path / "audited" / "model.safetensors")
     assert all(torch.equal(expected[name], actual[name]) for name in expected), "the same weights, audited or not"
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_groups_packed_differently_give_every_token_the_same_log_probability(policy_dir, planted_rm, prompts, tmp_path, method):
+    # The rollout scores two groups of four in one packed batch; the update sees one group
+    # per microbatch. Shared prompts must not change a single log-probability.
+    cfg = config(prompts, method=method, advantage="grpo", samples_per_prompt=4, steps=1, batch_size=8, ppo_epochs=1, minibatch_size=8, microbatch_size=4,
+                 temperature=0.7, max_new_tokens=10)
+    rlhf.train(cfg, policy_dir, planted_rm, tmp_path, seed=3)
+    row = history(tmp_path)[0]
+    assert row["policy/ratio_min"] == pytest.approx(1.0, abs=1e-5) and row["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5), "the policy starts as the reference"

@@ -32,6 +32,9 @@ LAYOUTS = {
     "full": {"method": "full"},
     # the default config's layout: the value adapter on the reward model's top layers
     "lora-reward": {"method": "lora", "value_model": "reward", "value_layers": 1, "lora": {"r": 4, "alpha": 8}},
+    # critic-free, with a reward function whose running mean and std are checkpointed too
+    "grpo": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "advantage": "grpo", "samples_per_prompt": 4, "normalize_scores": True,
+             "rewards": [{"source": "rm", "normalize": False}, {"source": "tests.engine.planted_rewards:shouting"}]},
 }
 
 
@@ -48,7 +51,7 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     run = tmp_path / "runs" / "killed"
     partial = kill_after_checkpoint(killed, "rlhf", at_least=6)
     saved = torch.load(ckpt.latest_checkpoint(partial) / "pytorch_model.bin", weights_only=True)
-    if layout == "lora-reward":  # the frozen SFT weights and reward model are inputs, not state
+    if layout != "full":  # the frozen SFT weights and reward model are inputs, not state
         assert saved and all("lora_" in name or name.startswith("value.head.") for name in saved), sorted(saved)[:5]
 
     process = start(killed, "rlhf")
@@ -58,7 +61,8 @@ def test_killed_ppo_resumes_to_the_same_weights(tiny_model_dir, planted_rm, sft_
     manifest = json.loads((run / "rlhf" / "manifest.json").read_text())
     assert 0 < manifest["metrics"]["steps_last_attempt"] < 12
     assert [r["step"] for r in history(run / "rlhf")] == list(range(1, 13)), "one metrics line per step, none repeated"
-    for weights in ("model.safetensors", "value/model.safetensors"):
+    assert (run / "rlhf" / "value").exists() == (layout != "grpo"), "critic-free runs save no value"
+    for weights in ("model.safetensors", "value/model.safetensors") if layout != "grpo" else ("model.safetensors",):
         expected = load_file(tmp_path / "runs" / "straight" / "rlhf" / weights)
         actual = load_file(run / "rlhf" / weights)
         assert expected.keys() == actual.keys()
@@ -157,6 +161,26 @@ def test_two_processes_split_the_prompts_agree_on_weights_and_resume_from_a_kill
         expected, actual = load_file(tmp_path / "runs" / "straight" / "rlhf" / name), load_file(tmp_path / "runs" / "killed" / "rlhf" / name)
         for key in expected:
             assert torch.allclose(expected[key], actual[key], rtol=0, atol=1e-6), f"{name}: {key} differs after resuming on two processes"
+
+
+def test_two_processes_keep_each_group_whole_and_agree_on_weights(policy_dir, planted_rm, prompts, sft_rows, tmp_path):
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:8])
+    section = {"init_from": str(policy_dir), "reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 3, "batch_size": 6,
+               "minibatch_size": 6, "microbatch_size": 3, "ppo_epochs": 1, "learning_rate": 3e-3, "max_new_tokens": 5, "normalize_scores": False,
+               "save_steps": 3, "advantage": "grpo", "samples_per_prompt": 3}
+    process = torchrun(tiny_config(tmp_path, policy_dir, train, name="groups", rlhf=section), tmp_path / "groups")
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-3000:]
+    rows = {rank: [json.loads(line) for line in Path(f"{tmp_path / 'groups'}.{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)}
+    updates = {rank: [r for r in rows[rank] if "weights" in r] for rank in (0, 1)}
+    assert len(updates[0]) == 3 and [u["weights"] for u in updates[0]] == [u["weights"] for u in updates[1]], "both hold the same weights"
+    for step in range(3):
+        groups = {rank: [updates[rank][step]["queries"][g * 3 : g * 3 + 3] for g in range(2)] for rank in (0, 1)}
+        for rank in (0, 1):
+            assert all(len(set(group)) == 1 for group in groups[rank]), "the three answers to a prompt sit on one process, together"
+            advantages = updates[rank][step]["advantages"]
+            assert all(abs(sum(advantages[g * 3 : g * 3 + 3])) < 1e-4 for g in range(2)), "each group is its own baseline (GRPO's sum to 0)"
+        assert not {g[0] for g in groups[0]} & {g[0] for g in groups[1]}, "no prompt is rolled out on both processes"
 
 
 def test_ppo_ptx_resumes_where_its_batches_stopped(policy_dir, planted_rm, prompts, sft_rows, tmp_path, monkeypatch):
