@@ -81,7 +81,7 @@ def test_a_checkpoint_missing_trainable_tensors_is_refused_with_its_path(policy_
         rlhf.train(every_layer, policy_dir, planted_rm, out, seed=0)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["full", "lora-reward"])  # critic-free on two processes: test_two_processes_keep_each_group_whole...
 def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
     import os
     import subprocess

@@ -173,3 +173,18 @@ def test_the_loader_builds_a_list_of_specs():
     held = build(Holder, {"rewards": written}, "rlhf", lambda key: key)
     assert held.rewards == (RewardSpec("rm"), RewardSpec("demo.rewards:correct", weight=0.2), RewardSpec("demo.rewards:gold", role="audit", weight=0.0))
     assert build(Holder, {}, "rlhf", lambda key: key).rewards == (RewardSpec("rm"),)
+
+
+def test_a_bad_item_of_the_list_is_named_with_its_index_and_line(tmp_path):
+    from pipeline import config
+    from stages import config_classes
+
+    path = tmp_path / "run.yaml"
+    path.write_text("rlhf:\n  rewards:\n    - source: rm\n    - source: demo.rewards:correct\n      weight: heavy\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, [], config_classes())
+    assert str(caught.value) == f"{path}:5: rlhf.rewards[1].weight: expected a number, got 'heavy'"
+    path.write_text("rlhf:\n  rewards:\n    - source: rm\n    - {source: demo.rewards:gold, role: audit, weight: 0}\n    - source: rm\n      weight: 0\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, [], config_classes())
+    assert str(caught.value).startswith(f"{path}:6: rlhf.rewards[2].weight: is 0 for a train source")
