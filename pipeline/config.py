@@ -86,6 +86,49 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs
     """
     path = Path(path)
     where = str(path)
+    data, lines = _read(path, stage_configs)
+    if EXTENDS in data:
+        target = data.pop(EXTENDS)
+        if not isinstance(target, str):
+            raise ConfigError(f"{where}:{lines.get(EXTENDS, '?')}: extends: expected the path of a config file, got {_show(target)}")
+        base_path = path.parent / target
+        if not base_path.is_file():
+            raise ConfigError(f"{where}:{lines.get(EXTENDS, '?')}: extends: no such config file: {base_path}")
+        base, base_lines = _read(base_path, stage_configs)
+        if EXTENDS in base:
+            raise ConfigError(f"{base_path}:{base_lines[EXTENDS]}: extends: a config that is extended cannot extend another")
+        data = _merge(base, data)
+        lines = {**{key: f"{base_path}:{line}" for key, line in base_lines.items()}, **lines}
+    lines.pop(EXTENDS, None)
+
+    for item in overrides:
+        _apply_override(data, item, lines)
+
+    def locate(key: str) -> str:
+        line = lines.get(key)
+        if line == "--set":
+            return f"--set {key}"
+        if isinstance(line, str):  # file:line in the config this one extends
+            return f"{line}: {key}"
+        return f"{where}:{line}: {key}" if line else f"{where}: {key}"
+
+    sections = {"run": RunConfig, **stage_configs}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(f"{locate(str(name))}: unknown section (expected one of: {', '.join(sections)})")
+    built = {name: build(cls, data.get(name), name, locate) for name, cls in sections.items()}
+    run = built.pop("run")
+    return Config(source=where, run=run, stages=built)
+
+
+EXTENDS = "extends"
+"""Top-level key: a config (path relative to this one) whose sections this one's override,
+key by key; lists are replaced whole. One level only."""
+
+
+def _read(path: Path, stage_configs: dict[str, type]) -> tuple[dict, dict[str, Any]]:
+    """A config file's mapping and the line of every key in it."""
+    where = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -104,23 +147,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections (run, {', '.join(stage_configs)})")
+    return data, lines
 
-    for item in overrides:
-        _apply_override(data, item, lines)
 
-    def locate(key: str) -> str:
-        line = lines.get(key)
-        if line == "--set":
-            return f"--set {key}"
-        return f"{where}:{line}: {key}" if line else f"{where}: {key}"
-
-    sections = {"run": RunConfig, **stage_configs}
-    for name in data:
-        if name not in sections:
-            raise ConfigError(f"{locate(str(name))}: unknown section (expected one of: {', '.join(sections)})")
-    built = {name: build(cls, data.get(name), name, locate) for name, cls in sections.items()}
-    run = built.pop("run")
-    return Config(source=where, run=run, stages=built)
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def parse_overrides(text: str) -> list[str]:

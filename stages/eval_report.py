@@ -70,6 +70,8 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
         f"Win rate of RLHF over SFT, same prompt (ties count half): by reward model {_fmt(metrics['win_rate_rm'], '.2f')}"
         + (f", by gold judge {_fmt(metrics['win_rate_gold'], '.2f')}." if metrics["judge"] else "."),
         "",
+        *others_section(metrics),
+        *criteria_section(metrics.get("criteria")),
     ]
     if plots:
         lines += ["## PPO curves", ""] + [f"![PPO curves]({p})" for p in plots] + [""]
@@ -78,15 +80,37 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
     for name, manifest in stages.items():
         seconds = manifest.get("timings", {}).get("seconds")
         lines.append(f"| {name} | {_fmt(seconds, '.0f')} s | {_settings(name, manifest.get('config', {}))} |")
-    lines.append(f"| eval | {metrics['eval_seconds']:.0f} s | {metrics['prompts']} prompts x 3 policies |")
+    lines.append(f"| eval | {metrics['eval_seconds']:.0f} s | {metrics['prompts']} prompts x {len(metrics['policies'])} policies |")
     lines += ["", "## Side by side", ""]
     for i, ex in enumerate(examples, 1):
         lines += [f"### {i}. {ex['prompt']}", ""]
-        for name in ("base", "sft", "rlhf"):
+        for name in (key for key in ex if key != "prompt"):
             row = ex[name]
             gold = "" if row.get("gold") is None else f", gold {row['gold']:.2f}"
             lines += [f"**{name}** (RM {row['rm_score']:+.2f}{gold}):", "", "> " + (row["response"].replace("\n", " ") or "(empty)"), ""]
     return "\n".join(lines)
+
+
+def others_section(metrics: dict) -> list[str]:
+    """Win rates over SFT of the policies besides RLHF (from compare_with), and where they came from."""
+    compared = metrics.get("compared") or {}
+    if not compared:
+        return []
+    lines = ["| policy (compared) | from | win rate over SFT, RM | win rate over SFT, gold |", "|---|---|---|---|"]
+    for name, where in compared.items():
+        rates = metrics["win_rates"][name]
+        lines.append(f"| {name} | `{where['path']}` (build {where['build_id'] or '-'}) | {_fmt(rates['rm'], '.2f')} | {_fmt(rates['gold'], '.2f')} |")
+    return lines + [""]
+
+
+def criteria_section(criteria: dict | None) -> list[str]:
+    """Each policy's share of each judge part (eval.criteria): what the gold score is made of."""
+    if not criteria:
+        return []
+    parts = list(next(iter(criteria.values())))
+    lines = ["## What the answers do (judge criteria)", "", "| policy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    lines += [f"| {name} | " + " | ".join(_fmt(shares.get(p), ".2f") for p in parts) + " |" for name, shares in criteria.items()]
+    return lines + [""]
 
 
 def reward_model_section(rm: dict) -> list[str]:
@@ -106,7 +130,7 @@ def _settings(name: str, config: dict) -> str:
         "base": ("model", "dtype"),
         "sft": ("method", "max_steps", "batch_size", "learning_rate"),
         "rm": ("method", "max_steps", "batch_size", "learning_rate"),
-        "rlhf": ("method", "steps", "batch_size", "ppo_epochs", "learning_rate", "kl_coef", "max_new_tokens", "temperature"),
+        "rlhf": ("advantage", "samples_per_prompt", "method", "steps", "batch_size", "ppo_epochs", "learning_rate", "kl_coef", "max_new_tokens", "temperature"),
     }[name]
     return ", ".join(f"{k} {config[k]}" for k in keys if k in config)
 
@@ -117,6 +141,6 @@ def relink(text: str, folder: str) -> str:
 
 
 def terminal_summary(metrics: dict) -> str:
-    lines = ["", "Evaluation (held-out prompts, sampled):", *table(metrics)]
+    lines = ["", "Evaluation (held-out prompts, sampled):", *table(metrics), *criteria_section(metrics.get("criteria"))[2:]]
     lines.append(f"RLHF vs SFT win rate: RM {_fmt(metrics['win_rate_rm'], '.2f')}" + (f", gold {_fmt(metrics['win_rate_gold'], '.2f')}" if metrics["judge"] else ""))
     return "\n".join(lines)

@@ -9,7 +9,10 @@ this stage's folder and copied to `runs/<name>/report.md`.
 
 A judge is any function `judge(prompt: str, response: str) -> float | None`, named
 as `module:function`; None means it cannot rate that prompt. Without a judge the
-report leaves the gold columns out.
+report leaves the gold columns out. `criteria` names a function giving the judge's
+parts (`demo.judge:gold_parts`: correct, warm opening, ...); the report gives each
+policy's share of each. `compare_with` adds policy folders from other runs (the PPO
+default next to a GRPO run), sampled and scored the same way.
 """
 
 from __future__ import annotations
@@ -20,13 +23,26 @@ import time
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import SettingError, setting
+from pipeline.config import REQUIRED, SettingError, setting
 from pipeline.fallbacks import Fallbacks
 from stages import eval_report as report
 from stages.shared import data
 from stages.shared.judge import load_judge, reward_stats
+from stages.shared.settings import check_model_folder
 
 POLICIES = ("base", "sft", "rlhf")
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherPolicy:
+    name: str = setting(REQUIRED)
+    """Its name in the report (not one of base, sft, rlhf)."""
+    path: str = setting(REQUIRED, path="local")
+    """A policy folder, e.g. runs/default/rlhf; the report goes stale when it is rebuilt."""
+
+    def __post_init__(self):
+        if self.name in POLICIES or not self.name.isidentifier():
+            raise SettingError("name", f"must be a plain name other than {', '.join(POLICIES)}, got {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +51,11 @@ class EvalConfig:
     """Held-out prompts (JSONL rows with "prompt" or "messages"), never trained on."""
     judge: str | None = None
     """A gold judge as module:function, e.g. demo.judge:gold_score; null for none."""
+    criteria: str | None = None
+    """The judge's parts as module:function -> dict of name -> number or bool (e.g.
+    demo.judge:gold_parts); each policy's mean of each part is reported. null: none."""
+    compare_with: tuple[OtherPolicy, ...] = ()
+    """Policies from other runs to evaluate alongside, as [{name: ppo, path: runs/default/rlhf}]."""
     max_new_tokens: int = 32
     temperature: float = 0.7
     """Sampling temperature for every policy; 0 is greedy."""
@@ -52,11 +73,17 @@ class EvalConfig:
             raise SettingError("temperature", "must be >= 0 (0 is greedy)")
         if self.batch_size < 1:
             raise SettingError("batch_size", "must be at least 1")
+        names = [p.name for p in self.compare_with]
+        if len(set(names)) != len(names):
+            raise SettingError("compare_with", f"names must differ, got {names}")
 
 
 def check(cfg: EvalConfig) -> None:
     data.read_prompts(cfg.prompts, "eval.prompts")
     load_judge(cfg.judge, "eval.judge")
+    load_judge(cfg.criteria, "eval.criteria")
+    for i, other in enumerate(cfg.compare_with):
+        check_model_folder(other.path, f"eval.compare_with[{i}].path")
 
 
 def headline(metrics: dict) -> str:
@@ -77,7 +104,8 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
 
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    judge = load_judge(cfg.judge, "eval.judge")
+    judge, criteria = load_judge(cfg.judge, "eval.judge"), load_judge(cfg.criteria, "eval.criteria")
+    folders = {**{name: inputs[name] for name in POLICIES}, **{p.name: Path(p.path) for p in cfg.compare_with}}
     tokenizer = AutoTokenizer.from_pretrained(inputs["sft"])
     prompts = data.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
     texts = [p[-1]["content"] for p in prompts]
@@ -93,25 +121,28 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     reference = causal_lm(inputs["sft"])
     samples: dict[str, list[dict]] = {}
-    for name in POLICIES:
+    for name, folder in folders.items():
         # SFT too is loaded apart from the reference, so its KL of ~0 is measured, not assumed.
-        policy = causal_lm(inputs[name])
+        policy = causal_lm(folder)
         # Asked per policy: a policy folder may hold another architecture than the SFT model.
         layout = layout_for(policy, reference, reward_model, note=note)
         torch.manual_seed(seed)  # every policy draws from the same random stream
         samples[name] = sample_and_score(Scorers(policy, reference, reward_model, tokenizer, stats, layout), prompts, cfg)
         for row, text in zip(samples[name], texts, strict=True):
             row["gold"] = judge(text, row["response"]) if judge else None
+            if criteria:
+                row["criteria"] = criteria(text, row["response"])
         print(f"[eval] {name}: {len(prompts)} responses sampled and scored")
         del policy
 
     metrics = summarize(samples, has_judge=judge is not None)
+    metrics["criteria"] = criteria_shares(samples) if criteria else None
     metrics["prompts"] = len(prompts)
     metrics["judge"] = cfg.judge
-    examples = [{"prompt": texts[i], **{name: samples[name][i] for name in POLICIES}} for i in range(min(cfg.num_samples, len(prompts)))]
+    examples = [{"prompt": texts[i], **{name: samples[name][i] for name in folders}} for i in range(min(cfg.num_samples, len(prompts)))]
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
-            f.write(json.dumps({"prompt": text, **{name: samples[name][i] for name in POLICIES}}) + "\n")
+            f.write(json.dumps({"prompt": text, **{name: samples[name][i] for name in folders}}) + "\n")
     history = _read_jsonl(inputs["rlhf"] / "metrics.jsonl")
     plots = report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
     metrics["eval_seconds"] = round(time.time() - start, 1)
@@ -119,6 +150,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     metrics["reward_model"] = {k: rm_eval[k] for k in ("accuracy", "pairs", "accuracy_by_criterion") if k in rm_eval}
     metrics["fallbacks"] = note.taken
     stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
+    metrics["compared"] = {p.name: {"path": p.path, "build_id": _manifest(Path(p.path)).get("build_id")} for p in cfg.compare_with}
     text = report.render(metrics, examples, stages, plots, cfg)
     ckpt.write_text_atomic(out_dir / "report.md", text)
     ckpt.write_json_atomic(out_dir / "report.json", {"metrics": metrics, "examples": examples})
@@ -194,13 +226,24 @@ def summarize(samples: dict[str, list[dict]], has_judge: bool) -> dict:
             "eos_fraction": mean(float(r["ended"]) for r in rows),
         }
 
-    def win_rate(key):
-        pairs = [(a[key], b[key]) for a, b in zip(samples["rlhf"], samples["sft"], strict=True) if a[key] is not None and b[key] is not None]
+    def win_rate(name, key):
+        pairs = [(a[key], b[key]) for a, b in zip(samples[name], samples["sft"], strict=True) if a[key] is not None and b[key] is not None]
         if not pairs:
             return None
         return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
-    return {"policies": policies, "win_rate_rm": win_rate("rm_score"), "win_rate_gold": win_rate("gold") if has_judge else None}
+    others = {name: {"rm": win_rate(name, "rm_score"), "gold": win_rate(name, "gold") if has_judge else None} for name in samples if name not in ("base", "sft")}
+    return {"policies": policies, "win_rate_rm": win_rate("rlhf", "rm_score"), "win_rate_gold": win_rate("rlhf", "gold") if has_judge else None, "win_rates": others}
+
+
+def criteria_shares(samples: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per policy, the mean of each judge part over the prompts it rates (a bool part's
+    mean is the share of answers that have it: the correctness share)."""
+    shares = {}
+    for name, rows in samples.items():
+        rated = [r["criteria"] for r in rows if r.get("criteria") is not None]
+        shares[name] = {part: sum(float(c[part]) for c in rated) / len(rated) for part in (rated[0] if rated else {})}
+    return shares
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -30,6 +30,8 @@ def error_of(path: Path, overrides=()) -> str:
 # Inputs a shipped config names that a checkout does not have: the HH-RLHF data lives outside the
 # project, and the base checkpoint is made by `make base`. They are replaced by stand-ins here.
 OUTSIDE = {"hh_rm.yaml": {"rm.init_from": "folder", "rm.data.train": "hh.jsonl.gz"}}
+# ... and the default run's policy, which demo_grpo.yaml's report compares with.
+COMPARED = {"demo_grpo.yaml": "eval.compare_with=[{{name: ppo, path: {folder}}}]"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -38,6 +40,9 @@ def test_every_shipped_config_loads(path, tmp_path):
     for key, name in OUTSIDE.get(path.name, {}).items():
         (tmp_path / name).mkdir() if name == "folder" else (tmp_path / name).write_text("")
         stand_ins.append(f"{key}={tmp_path / name}")
+    if path.name in COMPARED:
+        (tmp_path / "policy").mkdir()
+        stand_ins.append(COMPARED[path.name].format(folder=tmp_path / "policy"))
     cfg = load_config(path, stand_ins)
     assert set(cfg.stages) >= {"base", "sft"}
 
@@ -173,3 +178,34 @@ def test_fingerprint_view_skips_volatile_and_unused_settings(tmp_path):
 def test_setting_error_carries_key():
     error = SettingError("name", "bad")
     assert error.key == "name" and str(error) == "bad"
+
+
+def test_a_config_extends_another_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  name: demo\nsft:\n  learning_rate: 1e-5\n  method: lora\n  lora:\n    r: 4\nrlhf:\n  rewards:\n    - source: rm\n    - source: demo.rewards:gold\n      role: audit\n")
+    path = write(tmp_path, "extends: base.yaml\nrun:\n  name: other\nsft:\n  lora:\n    alpha: 8\nrlhf:\n  rewards:\n    - source: rm\n")
+    cfg = load_config(path)
+    assert cfg.run.name == "other" and cfg.source == str(path)
+    sft = cfg.stages["sft"]
+    assert sft.learning_rate == 1e-5 and sft.method == "lora" and (sft.lora.r, sft.lora.alpha) == (4, 8), "mappings merge key by key"
+    assert [r.source for r in cfg.stages["rlhf"].rewards] == ["rm"], "a list is replaced whole"
+
+
+def test_a_mistake_in_the_extended_config_names_that_file_and_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("sft:\n  method: full\n  learnin_rate: 0.1\n")
+    path = write(tmp_path, "# the child\nextends: base.yaml\nsft:\n  method: lora\n")
+    assert error_of(path).startswith(f"{tmp_path / 'base.yaml'}:3: sft.learnin_rate: unknown setting")
+    (tmp_path / "base.yaml").write_text("sft:\n  method: full\n")
+    path = write(tmp_path, "extends: base.yaml\nsft:\n  max_steps: many\n")
+    assert error_of(path).startswith(f"{path}:3: sft.max_steps: expected an integer")
+
+
+@pytest.mark.parametrize("child, base, message", [
+    ("extends: nowhere.yaml\n", None, "{path}:1: extends: no such config file: {tmp}/nowhere.yaml"),
+    ("extends: [a, b]\n", None, "{path}:1: extends: expected the path of a config file, got a list"),
+    ("extends: base.yaml\n", "extends: other.yaml\n", "{tmp}/base.yaml:1: extends: a config that is extended cannot extend another"),
+])
+def test_extends_refuses_what_it_cannot_follow(tmp_path, child, base, message):
+    if base is not None:
+        (tmp_path / "base.yaml").write_text(base)
+    path = write(tmp_path, child)
+    assert error_of(path) == message.format(path=path, tmp=tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from demo import prompts as demo_prompts
-from demo.judge import gold_score
+from demo.judge import gold_parts, gold_score
 from pipeline import checkpoint as ckpt
 from pipeline import cli, generate
 from pipeline.config import ConfigError
@@ -25,7 +25,7 @@ RM_FILE = ROOT / "configs" / "data" / "demo_rm.jsonl"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, sft_rows, tmp_path_factory):
+def tiny_run(tiny_model_dir, policy_dir, sft_rows, tmp_path_factory):
     """The shipped default's shape (demo data, demo judge, every stage) on the tiny
     model with a shrunken config; returns (config path, run folder)."""
     tmp = tmp_path_factory.mktemp("e2e")
@@ -40,13 +40,14 @@ def tiny_run(tiny_model_dir, sft_rows, tmp_path_factory):
         rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2, "batch_size": 4, "minibatch_size": 2,
               "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1,
               "rewards": [{"source": "rm"}, {"source": "demo.rewards:gold", "role": "audit", "name": "gold"}]},
-        eval={"prompts": str(held), "judge": JUDGE, "max_new_tokens": 6, "num_samples": 2},
+        eval={"prompts": str(held), "judge": JUDGE, "criteria": "demo.judge:gold_parts", "max_new_tokens": 6, "num_samples": 2,
+              "compare_with": [{"name": "other", "path": str(policy_dir)}]},
     )
     assert cli.main(["run", "--config", str(path)]) == 0
     return path, tmp / "runs" / "tiny"
 
 
-def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
+def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, policy_dir):
     from matplotlib.image import imread
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -66,8 +67,8 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
     result = json.loads((run / "eval" / "report.json").read_text())
     metrics = result["metrics"]
     samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 6 and all(set(s) == {"prompt", "base", "sft", "rlhf"} for s in samples)
-    assert set(metrics["policies"]) == {"base", "sft", "rlhf"}
+    assert len(samples) == 6 and all(set(s) == {"prompt", "base", "sft", "rlhf", "other"} for s in samples)
+    assert set(metrics["policies"]) == {"base", "sft", "rlhf", "other"}, "a compare_with policy is evaluated like the run's own"
 
     def mean(values):
         return sum(values) / len(values)
@@ -81,8 +82,13 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
         assert m["kl_from_sft"] == pytest.approx(mean([r["kl_from_sft"] for r in rows]))
         assert m["length"] == pytest.approx(mean([r["length"] for r in rows])) and all(1 <= r["length"] <= 6 for r in rows)
         assert m["eos_fraction"] == pytest.approx(mean([float(r["ended"]) for r in rows]))
+        parts = [gold_parts(s["prompt"], r["response"]) for s, r in zip(samples, rows, strict=True)]
+        assert metrics["criteria"][name]["correct"] == pytest.approx(mean([float(p["correct"]) for p in parts])), "the correctness share"
     wins = [1.0 if s["rlhf"]["gold"] > s["sft"]["gold"] else 0.5 if s["rlhf"]["gold"] == s["sft"]["gold"] else 0.0 for s in samples]
-    assert metrics["win_rate_gold"] == pytest.approx(mean(wins))
+    assert metrics["win_rate_gold"] == pytest.approx(mean(wins)) == pytest.approx(metrics["win_rates"]["rlhf"]["gold"])
+    other_wins = [1.0 if s["other"]["rm_score"] > s["sft"]["rm_score"] else 0.5 if s["other"]["rm_score"] == s["sft"]["rm_score"] else 0.0 for s in samples]
+    assert metrics["win_rates"]["other"]["rm"] == pytest.approx(mean(other_wins))
+    assert metrics["compared"]["other"]["path"] == str(policy_dir)
     # SFT is loaded apart from the reference: its KL is measured through the same path as the others'.
     assert metrics["policies"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-4), "SFT's KL from its own copy"
     assert max(abs(s["base"]["kl_from_sft"]) for s in samples) > 1e-3, "the model SFT started from is measured as another model"
@@ -97,6 +103,7 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run):
     report = (run / "eval" / "report.md").read_text()
     assert "## Reward model" in report and "| pairs that differ only in | pairs | accuracy |" in report
     assert "| rlhf |" in report and "Win rate of RLHF over SFT" in report and "![PPO curves](ppo_curves.png)" in report
+    assert "| other |" in report and "## What the answers do (judge criteria)" in report and "| policy | correct | warm_opening |" in report
     top = (run / "report.md").read_text()
     assert "![PPO curves](eval/ppo_curves.png)" in top, "the run-level copy links into eval/"
 
