@@ -94,3 +94,20 @@ def test_groups_packed_differently_give_every_token_the_same_log_probability(pol
     row = history(tmp_path)[0]
     assert row["policy/ratio_min"] == pytest.approx(1.0, abs=1e-5) and row["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5), "the policy starts as the reference"
+
+
+def test_a_reward_function_failing_mid_run_names_the_prompt(policy_dir, planted_rm, prompts, tmp_path):
+    from pipeline.errors import ConfigError, RewardFunctionError
+    from stages.rlhf import check
+    from tests.engine import planted_rewards
+
+    planted_rewards.CALLS["n"] = 0
+    cfg = config(prompts, advantage="grpo", rewards=(RewardSpec("tests.engine.planted_rewards:breaks_later"),), **{**FAST, "steps": 2})
+    check(cfg)  # the probe passes: the bug is not there yet
+    with pytest.raises(RewardFunctionError) as caught:
+        rlhf.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    message = str(caught.value)
+    assert message.startswith("reward function tests.engine.planted_rewards:breaks_later raised ZeroDivisionError('division by zero') on ")
+    assert "prompt '" in message and "\n" not in message, message
+    assert isinstance(caught.value, ConfigError), "the CLI prints it as one line and exits 2"
+    assert not (tmp_path / "model.safetensors").exists(), "no policy was saved"
