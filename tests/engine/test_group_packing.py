@@ -205,7 +205,8 @@ def old_pack(queries, query_mask, responses, response_mask, layout: packing.Layo
     real = torch.cat([query_mask.bool(), response_mask.bool()], 1)
     sequences = [ids[b][real[b]] for b in range(ids.shape[0])]
     prompt_lengths = query_mask.long().sum(1)
-    prefix = _old_common_prefix(sequences, int(prompt_lengths.min()) - 1) if layout.share_prefix and layout.row_tokens else 0
+    # _common_prefix is unchanged by groups, so the oracle uses the module's own.
+    prefix = packing._common_prefix(sequences, int(prompt_lengths.min()) - 1) if layout.share_prefix and layout.row_tokens else 0
     lengths = [len(s) - prefix for s in sequences]  # what each sequence adds to a row
     rows: list[list[int]] = [[]]
     for b, n in enumerate(lengths):
@@ -260,16 +261,3 @@ def old_pack(queries, query_mask, responses, response_mask, layout: packing.Layo
         attention_mask=attention_mask,
         prefix=prefix,
     )
-
-
-def _old_common_prefix(sequences: list[torch.Tensor], limit: int) -> int:
-    if len(sequences) < 2 or limit <= 0:
-        return 0
-    first = sequences[0][:limit]
-    n = len(first)
-    for seq in sequences[1:]:
-        differs = (seq[:n] != first[:n]).nonzero()
-        n = int(differs[0]) if len(differs) else min(n, len(seq))
-        if n == 0:
-            return 0
-    return n
