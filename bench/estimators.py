@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,8 @@ VARIANTS = {  # the PPO default itself is the default run's rlhf, "rlhf" in the 
 def train(name: str, run_dir: Path, out_root: Path) -> dict:
     """The rlhf stage for one variant, in a process of its own; returns its wall time and manifest metrics."""
     sets = [f"run.name={out_root.name}-{name}", f"run.output_dir={out_root.parent}", f"rlhf.init_from={run_dir / 'sft'}", f"rlhf.reward_model={run_dir / 'rm'}"]
-    # No spaces: the CLI splits --set values the way make passes SET="a=1 b=2".
-    sets += [f"rlhf.{key}={json.dumps(value, separators=(',', ':'))}" for key, value in VARIANTS[name].items()]
+    # Quoted: the CLI splits a --set value on spaces the way make passes SET="a=1 b=2".
+    sets += [f"rlhf.{key}={shlex.quote(json.dumps(value))}" for key, value in VARIANTS[name].items()]
     command = [sys.executable, "-m", "pipeline", "run", "rlhf", "--config", "configs/default.yaml"] + [arg for s in sets for arg in ("--set", s)]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     folder = out_root.parent / f"{out_root.name}-{name}" / "rlhf"
