@@ -56,7 +56,7 @@ def evaluate(trained: dict[str, dict], run_dir: Path, out: Path) -> dict:
     """One eval stage over base, SFT and every variant, as `compare_with` policies."""
     from stages import evaluation
 
-    others = tuple(evaluation.OtherPolicy(name, row["folder"]) for name, row in trained.items())
+    others = tuple(evaluation.OtherPolicy(name.replace("-", "_"), row["folder"]) for name, row in trained.items())  # report names are identifiers
     cfg = evaluation.EvalConfig(judge="demo.judge:gold_score", criteria="demo.judge:gold_parts", compare_with=others)
     inputs = {name: run_dir / name for name in ("base", "sft", "rm", "rlhf")}
     return evaluation.run(cfg, inputs, out, seed=0)
