@@ -71,7 +71,8 @@ def train(cfg, job: Job) -> dict:
     history = checkpointing.read_history(job.out_dir / "metrics.jsonl", progress.step)
     eval_before = before_training(run.held_out, job.held, job.out_dir)
     estimate, world, k = ESTIMATORS[cfg.advantage].estimate, accelerator.num_processes, objective.group_size
-    bar, first_step, stopped = _progress_bar(cfg.steps, progress.step, accelerator.is_main_process), progress.step, None
+    # A run the guard stopped, killed before its final save, stays stopped when resumed.
+    bar, first_step, stopped = _progress_bar(cfg.steps, progress.step, accelerator.is_main_process), progress.step, guard.verdict(history, cfg.guard)
     while progress.step < cfg.steps and stopped is None:
         timer = Timer()
         # 1. rollout: K answers to each of this process's prompts, sampled as one batch and scored by the reward models

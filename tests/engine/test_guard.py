@@ -51,3 +51,20 @@ def test_bad_guard_settings_are_refused():
     with pytest.raises(SettingError, match="must be positive") as refused:
         GuardSettings(min_length=0)
     assert refused.value.key == "min_length"
+
+
+def test_a_guarded_run_stops_early_keeps_that_policy_and_stays_stopped_when_resumed(policy_dir, planted_rm, prompts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stages import rlhf
+    from tests.conftest import history
+    from tests.conftest import ppo_config as config
+
+    # Answers of at most 3 tokens are "collapsed" under a floor of 100: the guard fires once its window is full.
+    cfg = config(prompts, max_new_tokens=3, steps=6, save_steps=10, guard=GuardSettings(min_length=100, window=2))
+    metrics = rlhf.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)
+    assert metrics["steps"] == 2 and len(history(tmp_path)) == 2
+    assert metrics["stopped_early"].startswith("collapse: responses averaged"), metrics["stopped_early"]
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # the policy of step 2 is saved as a plain folder
+    again = rlhf.train(cfg, policy_dir, planted_rm, tmp_path, seed=0)  # as after a kill before the final save
+    assert again["steps"] == 2 and again["steps_last_attempt"] == 0 and again["stopped_early"] == metrics["stopped_early"]
