@@ -28,7 +28,8 @@ def test_every_stage_runs_on_gpt2_and_says_which_fallbacks_it_took(tiny_gpt2_dir
         tmp_path, tiny_gpt2_dir, train, sft={"max_steps": 2},
         rm={**TINY_RM, "data": {"train": str(rankings)}, "max_steps": 2, "batch_size": 4},
         rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2,
-              "batch_size": 4, "minibatch_size": 4, "microbatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1, "judge": JUDGE},
+              "batch_size": 4, "minibatch_size": 4, "microbatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1,
+              "rewards": [{"source": "rm"}, {"source": "demo.rewards:gold", "role": "audit", "name": "gold"}]},
         eval={"prompts": str(held), "judge": JUDGE, "max_new_tokens": 6, "num_samples": 2},
     )
     assert cli.main(["run", "--config", str(path)]) == 0
