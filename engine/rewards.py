@@ -97,8 +97,8 @@ class Sources:
             means.append(mean)
             stds.append(std)
             weights.append(source.weight if source.trains else 0.0)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=ratings.device)  # noqa: E731
-        return combine_ratings(ratings, as_tensor(means), as_tensor(stds), as_tensor(weights))
+        columns = torch.tensor([means, stds, weights], dtype=torch.float32, device=ratings.device)
+        return combine_ratings(ratings, *columns)
 
     def metrics(self, ratings: torch.Tensor, rated: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per source: mean raw rating over the episodes it rated, and for functions the
