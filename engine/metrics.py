@@ -56,8 +56,9 @@ def step_metrics(accelerator, record: StepRecord, sources=None) -> dict:
     for key, value in local.items():
         row[key] = accelerator.reduce(value.detach().float(), "mean").item()
     if sources is not None:
-        for key, pair in sources.metrics(batch.ratings, batch.rated).items():
-            total, count = accelerator.reduce(pair.float(), "sum").tolist()
+        pairs = sources.metrics(batch.ratings, batch.rated)
+        # One all-reduce for every source's (sum, count), not one per metric.
+        for key, (total, count) in zip(pairs, accelerator.reduce(torch.stack(list(pairs.values())).float(), "sum").tolist(), strict=True):
             row[key] = total / count if count else None
     row["objective/kl"] = record.kl
     row["objective/kl_coef"] = record.kl_coef

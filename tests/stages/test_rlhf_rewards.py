@@ -188,3 +188,15 @@ def test_a_bad_item_of_the_list_is_named_with_its_index_and_line(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.load(path, [], config_classes())
     assert str(caught.value).startswith(f"{path}:6: rlhf.rewards[2].weight: is 0 for a train source")
+
+
+def test_the_guard_must_watch_an_audit_source(tmp_path):
+    from stages import rlhf
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "What is 2 + 2?"}\n')
+    cfg = rlhf.RlhfConfig(data=rlhf.RlhfData(prompts=str(prompts)), rewards=(RewardSpec("rm"), RewardSpec("demo.rewards:gold", role="audit", name="gold")),
+                          guard=rlhf.GuardSettings(audit="gold_score"))
+    with pytest.raises(ConfigError) as caught:
+        rlhf.check(cfg)
+    assert str(caught.value) == "rlhf.guard.audit: 'gold_score' is not an audit reward source (audit sources: ['gold'])"
