@@ -6,6 +6,7 @@
 #   make generate [STAGE=sft] [PROMPT="..."]   answer PROMPT, or chat, with a checkpoint
 #   make status                       each stage's state, metrics and folder
 #   make bench                        PPO speed and memory on SmolLM2, as JSON
+#   make gpu-check                    on a GPU: env, default pipeline (bf16 autocast), PPO bench, tests -> runs/gpu_check.json
 #   make e2e                          the real default end to end; fails unless RLHF beats SFT on the gold judge
 #   make test                         ruff, then the test suite
 #
@@ -27,10 +28,10 @@ RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 STAGE ?= rlhf
 PROMPT ?=
 
-.PHONY: help install pipeline base sft rm rlhf eval generate e2e bench status config test clean-venv
+.PHONY: help install pipeline base sft rm rlhf eval generate e2e bench gpu-check status config test clean-venv
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
 
 install: $(INSTALLED)
 
@@ -59,6 +60,11 @@ e2e: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m pipeline run rm $(CONFIG_ARGS)
 	$(PY) -m bench.ppo_speed
+
+# At most about 8 minutes on one GPU; bench/RESULTS.md section 10 has what it printed.
+gpu-check: $(INSTALLED)
+	mkdir -p runs
+	$(PY) -m bench.gpu_check --out runs/gpu_check.json
 
 status: $(INSTALLED)
 	@$(PY) -m pipeline status $(CONFIG_ARGS)

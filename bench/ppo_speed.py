@@ -28,6 +28,7 @@ VARIANTS = {
     "lora-value15": {"method": "lora", "precision": "fp32", "value_layers": 15},  # value adapter on the top 15 of 30 layers
     "lora-reward": {"method": "lora", "precision": "fp32", "value_model": "reward"},  # value adapter on the reward model
     "lora-reward8": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8},  # the default: on its top 8 layers, fed its states below them
+    "lora-reward8-bf16": {"method": "lora", "precision": "bf16", "value_model": "reward", "value_layers": 8},  # the default as a GPU runs it (precision auto)
     "lora-reward4": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 4},
     "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},
     "lora-fp32-micro4": {"method": "lora", "precision": "fp32", "microbatch_size": 4},
@@ -43,6 +44,8 @@ TRL_1_12 = {"seconds_per_batch": 19.5, "episodes_per_second": 0.40, "peak_rss_gb
 
 
 def run_one(variant: str, steps: int, run_dir: Path) -> dict:
+    import torch
+
     from stages import rlhf
 
     settings = {**SETUP, **VARIANTS[variant]}
@@ -64,6 +67,7 @@ def run_one(variant: str, steps: int, run_dir: Path) -> dict:
         "episodes_per_second": round(SETUP["batch_size"] / phases["step"], 3),
         "seconds_per_phase": phases,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "mean_score_first_last": [rows[0]["objective/scores"], rows[-1]["objective/scores"]],
     }
 
