@@ -68,6 +68,9 @@ class Config:
     source: str
     run: RunConfig
     stages: dict[str, Any]
+    named: frozenset[str] = frozenset()
+    """The stage sections the YAML (with `extends` and --set) names: an optional stage
+    is part of the run only when named here."""
 
     @property
     def run_dir(self) -> Path:
@@ -118,7 +121,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs
             raise ConfigError(f"{locate(str(name))}: unknown section (expected one of: {', '.join(sections)})")
     built = {name: build(cls, data.get(name), name, locate) for name, cls in sections.items()}
     run = built.pop("run")
-    return Config(source=where, run=run, stages=built)
+    return Config(source=where, run=run, stages=built, named=frozenset(data) - {"run"})
 
 
 EXTENDS = "extends"

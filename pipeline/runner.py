@@ -51,6 +51,8 @@ class Runner:
         self.config = config
         self.stages = stages
         self.by_name = {stage.name: stage for stage in stages}
+        self.enabled = {stage.name for stage in stages if not stage.optional or stage.name in config.named}
+        """The stages of this run: every stage but an optional one its config does not name."""
         self.run_dir = config.run_dir
         self.hashes = ckpt.HashCache(self.run_dir / ".hashes.json")
         self._assessed: dict[str, Assessment] = {}
@@ -68,6 +70,10 @@ class Runner:
 
     # ------------------------------------------------------------ assessing
 
+    def parents(self, stage: Stage) -> list[str]:
+        """The stage's parents in this run: an optional parent that is not part of it is left out."""
+        return [parent for parent in stage.inputs if parent in self.enabled]
+
     def _input_setting(self, name: str, parent: str) -> str:
         stage = self.by_name[name]
         i = stage.inputs.index(parent)
@@ -79,6 +85,8 @@ class Runner:
         stage, cfg = self.by_name[name], self.config.stages[name]
         inputs, external, input_prints = {}, set(), {}
         for i, parent in enumerate(stage.inputs):
+            if parent not in self.enabled:
+                continue
             key = stage.input_settings[i] if i < len(stage.input_settings) else None
             init_from = getattr(cfg, key, None) if key else None
             if init_from:
@@ -109,7 +117,7 @@ class Runner:
         else:
             if manifest.get("fingerprint") != fingerprint:
                 reasons = self._explain(manifest.get("material", {}), material)
-            for parent in stage.inputs:
+            for parent in self.parents(stage):
                 if parent in external:
                     continue
                 built_from = manifest.get("parents", {}).get(parent, {}).get("build_id")
@@ -162,7 +170,7 @@ class Runner:
             found = self.assess(name)
             if found.state == "complete" and not forced:
                 return
-            for parent in found.stage.inputs:
+            for parent in self.parents(found.stage):
                 if parent not in found.external:
                     visit(parent, False)
             if name not in order:
@@ -178,7 +186,7 @@ class Runner:
 
         def visit(name: str) -> None:
             found = self.assess(name)
-            for parent in found.stage.inputs:
+            for parent in self.parents(found.stage):
                 if parent not in found.external:
                     visit(parent)
             if name not in names and (name in order or found.manifest is not None):
@@ -193,6 +201,9 @@ class Runner:
         target = target or self.stages[-1].name
         if target not in self.by_name:
             raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(self.by_name)})")
+        if target not in self.enabled:  # an optional stage asked for by name runs with its defaults
+            self.enabled.add(target)
+            self._assessed.clear()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stage in self.stages:
@@ -319,6 +330,8 @@ class Runner:
         pad = " " * 23
         for stage in self.stages:
             found = self.assess(stage.name)
+            if stage.name not in self.enabled and found.manifest is None and found.partial is None:
+                continue
             if found.manifest:
                 rows.append(f"  {stage.name:<6} {found.state:<14} {stage.headline(found.manifest.get('metrics', {}))}")
                 rows.append(f"{pad}folder: {ckpt.final_dir(self.run_dir, stage.name)}")
