@@ -1,4 +1,4 @@
-"""The evaluation report: PPO curves as a PNG, a Markdown report and a terminal table."""
+"""The evaluation report: PPO curves and score against KL as PNGs, a Markdown report and a terminal table."""
 
 from __future__ import annotations
 
@@ -42,6 +42,36 @@ def plot_ppo_curves(history: list[dict], path: Path) -> list[str]:
     return [path.name]
 
 
+SCORE_VS_KL = "score_vs_kl.png"
+
+
+def plot_score_vs_kl(metrics: dict, path: Path) -> list[str]:
+    """Every policy as one point, mean score against mean KL from SFT: what each method
+    bought and how far it moved for it. A panel per score the run has (RM, gold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = metrics["policies"]
+    scores = [(key, title) for key, title in (("rm_score", "RM score (normalised)"), ("gold_score", "gold score")) if any(m[key] is not None for m in policies.values())]
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], scores, strict=True):
+        for name, m in policies.items():
+            if m[key] is None or m["kl_from_sft"] is None:
+                continue
+            ax.scatter(m["kl_from_sft"], m[key], s=36)
+            ax.annotate(name, (m["kl_from_sft"], m[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("KL from SFT (nats per answer)", fontsize=8)
+        ax.set_ylabel(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -67,14 +97,14 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
         "",
         *table(metrics),
         "",
-        f"Win rate of RLHF over SFT, same prompt (ties count half): by reward model {_fmt(metrics['win_rate_rm'], '.2f')}"
-        + (f", by gold judge {_fmt(metrics['win_rate_gold'], '.2f')}." if metrics["judge"] else "."),
-        "",
-        *others_section(metrics),
+        *win_rates_section(metrics),
         *criteria_section(metrics.get("criteria")),
     ]
-    if plots:
-        lines += ["## PPO curves", ""] + [f"![PPO curves]({p})" for p in plots] + [""]
+    if SCORE_VS_KL in plots:
+        lines += ["## Score against KL from SFT", "", f"![score against KL]({SCORE_VS_KL})", ""]
+    curves = [p for p in plots if p != SCORE_VS_KL]
+    if curves:
+        lines += ["## PPO curves", ""] + [f"![PPO curves]({p})" for p in curves] + [""]
     lines += reward_model_section(metrics.get("reward_model", {}))
     lines += ["## Stages", "", "| stage | wall time | headline settings |", "|---|---|---|"]
     for name, manifest in stages.items():
@@ -91,15 +121,14 @@ def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: 
     return "\n".join(lines)
 
 
-def others_section(metrics: dict) -> list[str]:
-    """Win rates over SFT of the policies besides RLHF (from compare_with), and where they came from."""
+def win_rates_section(metrics: dict) -> list[str]:
+    """Every policy's win rate over SFT on the same prompts (ties count half), and where it came from."""
     compared = metrics.get("compared") or {}
-    if not compared:
-        return []
-    lines = ["| policy (compared) | from | win rate over SFT, RM | win rate over SFT, gold |", "|---|---|---|---|"]
-    for name, where in compared.items():
-        rates = metrics["win_rates"][name]
-        lines.append(f"| {name} | `{where['path']}` (build {where['build_id'] or '-'}) | {_fmt(rates['rm'], '.2f')} | {_fmt(rates['gold'], '.2f')} |")
+    gold = bool(metrics["judge"])
+    lines = ["Win rate over SFT, same prompt (ties count half):", "", "| policy | from | by reward model |" + (" by gold judge |" if gold else ""), "|---|---|---|" + ("---|" if gold else "")]
+    for name, rates in metrics["win_rates"].items():
+        where = f"`{compared[name]['path']}` (build {compared[name]['build_id'] or '-'})" if name in compared else "this run"
+        lines.append(f"| {name} | {where} | {_fmt(rates['rm'], '.2f')} |" + (f" {_fmt(rates['gold'], '.2f')} |" if gold else ""))
     return lines + [""]
 
 
@@ -131,16 +160,20 @@ def _settings(name: str, config: dict) -> str:
         "sft": ("method", "max_steps", "batch_size", "learning_rate"),
         "rm": ("method", "max_steps", "batch_size", "learning_rate"),
         "rlhf": ("advantage", "samples_per_prompt", "method", "steps", "batch_size", "ppo_epochs", "learning_rate", "kl_coef", "max_new_tokens", "temperature"),
-    }[name]
+        "dpo": ("loss_type", "beta", "method", "max_steps", "batch_size", "learning_rate"),
+    }.get(name, ("method",))
     return ", ".join(f"{k} {config[k]}" for k in keys if k in config)
 
 
 def relink(text: str, folder: str) -> str:
     """The report as seen from the run folder: image links point into `folder`."""
-    return text.replace("](ppo_curves.png)", f"]({folder}/ppo_curves.png)")
+    for image in ("ppo_curves.png", SCORE_VS_KL):
+        text = text.replace(f"]({image})", f"]({folder}/{image})")
+    return text
 
 
 def terminal_summary(metrics: dict) -> str:
     lines = ["", "Evaluation (held-out prompts, sampled):", *table(metrics), *criteria_section(metrics.get("criteria"))[2:]]
-    lines.append(f"RLHF vs SFT win rate: RM {_fmt(metrics['win_rate_rm'], '.2f')}" + (f", gold {_fmt(metrics['win_rate_gold'], '.2f')}" if metrics["judge"] else ""))
+    for name, rates in metrics["win_rates"].items():
+        lines.append(f"{name} vs SFT win rate: RM {_fmt(rates['rm'], '.2f')}" + (f", gold {_fmt(rates['gold'], '.2f')}" if metrics["judge"] else ""))
     return "\n".join(lines)

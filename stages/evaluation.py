@@ -1,11 +1,13 @@
-"""Evaluation stage: the base, SFT and RLHF policies answer the same held-out prompts
-with the same sampling settings, and the report says what changed.
+"""Evaluation stage: every policy the run has (base, sft, rlhf, and dpo when the run
+has it: every parent but the reward model) answers the same held-out prompts with the
+same sampling settings, and the report says what changed.
 
 Per policy: mean reward-model score (normalised as PPO saw it), mean gold score when
-a judge is configured, win rates of RLHF over SFT by both, the KL from SFT (summed
-over response tokens, from each policy's own samples), response length and the
-fraction ending in EOS. Then plots of the PPO curves and `report.md`, written into
-this stage's folder and copied to `runs/<name>/report.md`.
+a judge is configured, win rate over SFT by both, the KL from SFT (summed over
+response tokens, from each policy's own samples), response length and the fraction
+ending in EOS. Then a plot of score against KL (one point per policy), the PPO
+curves, and `report.md`, written into this stage's folder and copied to
+`runs/<name>/report.md`.
 
 A judge is any function `judge(prompt: str, response: str) -> float | None`, named
 as `module:function`; None means it cannot rate that prompt. Without a judge the
@@ -30,19 +32,20 @@ from stages.shared import data
 from stages.shared.judge import load_judge, reward_stats
 from stages.shared.settings import check_model_folder
 
-POLICIES = ("base", "sft", "rlhf")
+RESERVED = ("base", "sft", "rm", "rlhf", "dpo")
+"""Names of the run's own stages, which compare_with cannot take."""
 
 
 @dataclasses.dataclass(frozen=True)
 class OtherPolicy:
     name: str = setting(REQUIRED)
-    """Its name in the report (not one of base, sft, rlhf)."""
+    """Its name in the report (not the name of one of the run's stages)."""
     path: str = setting(REQUIRED, path="local")
     """A policy folder, e.g. runs/default/rlhf; the report goes stale when it is rebuilt."""
 
     def __post_init__(self):
-        if self.name in POLICIES or not self.name.isidentifier():
-            raise SettingError("name", f"must be a plain name other than {', '.join(POLICIES)}, got {self.name!r}")
+        if self.name in RESERVED or not self.name.isidentifier():
+            raise SettingError("name", f"must be a plain name other than {', '.join(RESERVED)}, got {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,8 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     judge, criteria = load_judge(cfg.judge, "eval.judge"), load_judge(cfg.criteria, "eval.criteria")
-    folders = {**{name: inputs[name] for name in POLICIES}, **{p.name: Path(p.path) for p in cfg.compare_with}}
+    own = {name: folder for name, folder in inputs.items() if name != "rm"}
+    folders = {**own, **{p.name: Path(p.path) for p in cfg.compare_with}}
     tokenizer = AutoTokenizer.from_pretrained(inputs["sft"])
     prompts = data.read_prompts(cfg.prompts, "eval.prompts", cfg.max_prompt_length, tokenizer)
     texts = [p[-1]["content"] for p in prompts]
@@ -144,12 +148,12 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         for i, text in enumerate(texts):
             f.write(json.dumps({"prompt": text, **{name: samples[name][i] for name in folders}}) + "\n")
     history = _read_jsonl(inputs["rlhf"] / "metrics.jsonl")
-    plots = report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
+    plots = report.plot_score_vs_kl(metrics, out_dir / report.SCORE_VS_KL) + report.plot_ppo_curves(history, out_dir / "ppo_curves.png")
     metrics["eval_seconds"] = round(time.time() - start, 1)
     rm_eval = _read_json(inputs["rm"] / "eval.json").get("after", {})
     metrics["reward_model"] = {k: rm_eval[k] for k in ("accuracy", "pairs", "accuracy_by_criterion") if k in rm_eval}
     metrics["fallbacks"] = note.taken
-    stages = {name: _manifest(inputs[name]) for name in ("base", "sft", "rm", "rlhf")}
+    stages = {name: _manifest(folder) for name, folder in inputs.items()}
     metrics["compared"] = {p.name: {"path": p.path, "build_id": _manifest(Path(p.path)).get("build_id")} for p in cfg.compare_with}
     text = report.render(metrics, examples, stages, plots, cfg)
     ckpt.write_text_atomic(out_dir / "report.md", text)

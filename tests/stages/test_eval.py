@@ -102,10 +102,13 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     assert metrics["reward_model"]["accuracy_by_criterion"] == by_criterion
     report = (run / "eval" / "report.md").read_text()
     assert "## Reward model" in report and "| pairs that differ only in | pairs | accuracy |" in report
-    assert "| rlhf |" in report and "Win rate of RLHF over SFT" in report and "![PPO curves](ppo_curves.png)" in report
+    assert "| rlhf | this run |" in report and "Win rate over SFT" in report and "![PPO curves](ppo_curves.png)" in report
+    assert "![score against KL](score_vs_kl.png)" in report
+    scatter = imread(run / "eval" / "score_vs_kl.png")
+    assert scatter.ndim == 3 and scatter.shape[1] > 600, "two panels: RM score and gold score against KL"
     assert "| other |" in report and "## What the answers do (judge criteria)" in report and "| policy | correct | warm_opening |" in report
     top = (run / "report.md").read_text()
-    assert "![PPO curves](eval/ppo_curves.png)" in top, "the run-level copy links into eval/"
+    assert "![PPO curves](eval/ppo_curves.png)" in top and "](eval/score_vs_kl.png)" in top, "the run-level copy links into eval/"
 
 
 def test_eval_is_reused_when_nothing_changed(tiny_run, capsys):
