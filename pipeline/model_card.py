@@ -72,7 +72,7 @@ def policy_figures(eval_metrics: dict, policy: str, eval_manifest: dict | None =
 def write(folder: Path, manifest: dict, evaluation: dict | None = None) -> None:
     """Write `folder/README.md` atomically: the old card or the new, and no temp file left."""
     folder = Path(folder)
-    text = render(manifest, ancestors(manifest), evaluation)
+    text = render(manifest, ancestors(manifest), evaluation, scorer=_is_scorer(folder))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model-card-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -88,19 +88,29 @@ def write(folder: Path, manifest: dict, evaluation: dict | None = None) -> None:
     ckpt.fsync_dir(folder)
 
 
-def render(manifest: dict, ancestors: dict[str, dict], evaluation: dict | None = None) -> str:
-    """The README.md text: YAML front matter for the Hub, then the card in markdown."""
+def _is_scorer(folder: Path) -> bool:
+    """A one-output sequence classifier (the reward model) rather than a causal LM."""
+    try:
+        architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def render(manifest: dict, ancestors: dict[str, dict], evaluation: dict | None = None, scorer: bool = False) -> str:
+    """The README.md text: YAML front matter for the Hub, then the card in markdown.
+    `scorer`: the folder is a reward model (scored text in, one number out), not a policy."""
     stage, cfg, metrics = manifest.get("stage", "?"), manifest.get("config") or {}, manifest.get("metrics") or {}
     chain = {stage: manifest, **{k: v for k, v in ancestors.items() if k != stage}}
     base = chain.get("base") or {}
     source = str((base.get("metrics") or {}).get("source") or "")
     hub_model = source.removeprefix("hub:") if source.startswith("hub:") else None  # may end in @revision
     data = [(name, key, entry) for name, m in chain.items() for key, entry in (m.get("data") or {}).items() if isinstance(entry, dict)]
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": _tags(stage, cfg, metrics)}
+    front = {"library_name": "transformers", "pipeline_tag": "text-classification" if scorer else "text-generation", "tags": _tags(stage, cfg, metrics)}
     front |= {"base_model": hub_model.split("@")[0]} if hub_model else {}
     datasets = sorted({str(e.get("path")).split(":")[0] for _, key, e in data if e.get("hash") == "hub" and "data" in key.split(".")})
     front |= {"datasets": datasets} if datasets else {}
-    out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# `{stage}` policy, made by rlhf-pipeline", "", _summary(manifest, stage, cfg, metrics)]
+    out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# `{stage}` {'reward model' if scorer else 'policy'}, made by rlhf-pipeline", "", _summary(manifest, stage, cfg, metrics)]
     if manifest.get("status", "complete") != "complete":
         out += ["", f"**Warning: this folder's manifest says `{manifest.get('status')}`, not complete.**"]
     out += ["", "## Lineage", "", _base_line(base, hub_model, chain), "", "| stage | build id | fingerprint | finished | read by |", "|---|---|---|---|---|"]
@@ -115,7 +125,11 @@ def render(manifest: dict, ancestors: dict[str, dict], evaluation: dict | None =
     out += ["", "## Config (resolved)", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "", "## Training figures", ""]
     rows = [f"| {k} | {_cell(v if isinstance(v, str) else json.dumps(_rounded(v)))} |" for k, v in _flatten(metrics) if v is not None and k != "fallbacks"]
     out += ["| figure | value |", "|---|---|", *rows] if rows else ["None recorded."]
-    out += ["", "## Evaluation", "", *_evaluation(manifest, evaluation), "", "## How to load it", "", _LOAD, "", "## Versions", ""]
+    if scorer:
+        out += ["", "## Evaluation", "", "A reward model: its held-out pairwise accuracy is among the training figures above (eval_after), per pair in eval.json."]
+    else:
+        out += ["", "## Evaluation", "", *_evaluation(manifest, evaluation)]
+    out += ["", "## How to load it", "", _LOAD_SCORER if scorer else _LOAD, "", "## Versions", ""]
     out.append(", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()) or "Not recorded.")
     taken = [f"- {name}: {f}" for name, m in chain.items() for f in m.get("fallbacks") or []] + [f"- eval: {f}" for f in (evaluation or {}).get("fallbacks") or []]
     out += ["", "## Fallbacks", "", *(taken or ["None: every stage above took the path it was asked for."])]
@@ -152,6 +166,22 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_t
 ```
 
 Or in the project: `python -m pipeline generate <this folder> --prompt "What is 12 + 30?"`."""
+
+
+_LOAD_SCORER = """The folder is a plain Transformers sequence classifier with one output, the reward, and
+its tokenizer and chat template. A completion is scored as training saw it: the chat-templated
+prompt with the generation prompt, the completion, then EOS; the reward is read at that EOS.
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = "."  # this folder, or the Hub repo it was uploaded to
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path)
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, tokenize=False)
+inputs = tokenizer(prompt + "12 + 30 = 42." + tokenizer.eos_token, return_tensors="pt", add_special_tokens=False)
+print(model(**inputs).logits[0, 0].item())
+```"""
 
 
 def _evaluation(manifest: dict, figures: dict | None) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
+from pipeline import model_card
 from pipeline.config import Config, as_dict, fingerprint_view, local_paths, resolve_local
 from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.stage import Stage
@@ -293,12 +294,25 @@ class Runner:
             manifest = self._manifest(found, "complete", metrics, started, seconds, attempt)
             manifest["fallbacks"] = fallbacks
             ckpt.write_json_atomic(partial / ckpt.MANIFEST, manifest)
+            if stage.card:
+                model_card.write(partial, manifest)
             ckpt.promote(self.run_dir, name)
+            self._refresh_cards(found, metrics, manifest)
         self.barrier()
         folder = ckpt.final_dir(self.run_dir, name)
         headline = stage.headline(metrics)
         self.log(f"[pipeline] {name}: done in {_duration(seconds)}: {headline} -> {folder}")
         return {"stage": name, "action": "built", "seconds": seconds, "folder": str(folder), "headline": headline}
+
+    def _refresh_cards(self, found: Assessment, metrics: dict, manifest: dict) -> None:
+        """The run's model folders that this stage evaluated get its figures on their card
+        (a folder named with init_from is the user's and is left alone)."""
+        for parent, folder in found.inputs.items():
+            if not self.by_name[parent].card or parent in found.external:
+                continue
+            figures, own = model_card.policy_figures(metrics, parent, manifest), ckpt.read_manifest(folder)
+            if figures is not None and own is not None:
+                model_card.write(folder, own, figures)
 
     def _manifest(self, found: Assessment, status: str, metrics: dict, started: str, seconds: float | None, attempt: int) -> dict:
         parents = {}

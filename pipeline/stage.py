@@ -33,6 +33,9 @@ class Stage:
     """Config keys naming a folder that replaces the parent at the same position."""
     main_only: bool = False
     """Runs on the main process alone when launched on several (nothing to train)."""
+    card: bool = False
+    """Its folder is a model: it gets a model card, README.md, written from its manifest
+    (replacing the Trainer's), refreshed with the figures of a later stage that evaluates it."""
     optional: bool = False
     """Part of a run only when its config names its section (or it is run by name); a
     stage that reads it as a parent then reads it, and otherwise does without."""

@@ -14,9 +14,9 @@ from stages import base, evaluation, rlhf, rm, sft
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),
-    Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline),
-    Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline),
-    Stage("rlhf", rlhf.RlhfConfig, ("sft", "rm"), rlhf.check, rlhf.run, rlhf.headline, input_settings=("init_from", "reward_model")),
+    Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline, card=True),
+    Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline, card=True),
+    Stage("rlhf", rlhf.RlhfConfig, ("sft", "rm"), rlhf.check, rlhf.run, rlhf.headline, input_settings=("init_from", "reward_model"), card=True),
     # Not a model: the report comparing base, SFT and RLHF on held-out prompts.
     Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True),
 )

@@ -225,3 +225,13 @@ def test_write_replaces_the_card_atomically(run, tmp_path, monkeypatch):
     assert card == model_card.render(rlhf, model_card.ancestors(rlhf)) and "`ssss00000002`" in card
     assert sorted(p.name for p in folder.iterdir()) == before
     assert os.stat(folder / "README.md").st_mode & 0o044, "readable by others, like any file in the folder"
+
+
+def test_a_reward_model_folder_gets_a_reward_model_card(run):
+    folder = run[0] / "rm"
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    model_card.write(folder, json.loads((folder / ckpt.MANIFEST).read_text()))
+    card = (folder / "README.md").read_text()
+    assert front_matter(card)["pipeline_tag"] == "text-classification"
+    assert "# `rm` reward model" in card and "AutoModelForSequenceClassification" in card
+    assert "has not run on this folder" not in card, "a reward model is not a policy the eval samples from"

@@ -56,6 +56,8 @@ def test_manifest_records_what_built_the_stage(built):
     assert {"transformers", "trl", "torch"} <= set(sft["versions"])
     assert sft["timings"]["seconds"] > 0 and sft["timings"]["attempts"] == 1
     assert sft["metrics"]["steps"] == 6
+    card = (run / "sft" / "README.md").read_text()
+    assert f"Build `{sft['build_id']}`" in card and "The eval stage has not run on this folder yet" in card, "the model card is written from the manifest"
 
 
 def test_changed_setting_makes_the_stage_and_only_it_stale(built, capsys):

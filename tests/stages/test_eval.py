@@ -107,6 +107,13 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     scatter = imread(run / "eval" / "score_vs_kl.png")
     assert scatter.ndim == 3 and scatter.shape[1] > 600, "two panels: RM score and gold score against KL"
     assert "| other |" in report and "## What the answers do (judge criteria)" in report and "| policy | correct | warm_opening |" in report
+    eval_build = json.loads((run / "eval" / "manifest.json").read_text())["build_id"]
+    for policy in ("sft", "rlhf"):
+        card = (run / policy / "README.md").read_text()
+        assert card.startswith("---\n") and f"eval build `{eval_build}`" in card, f"{policy}'s card carries the eval's figures"
+        assert json.loads((run / policy / "manifest.json").read_text())["build_id"] in card
+    rm_card = (run / "rm" / "README.md").read_text()
+    assert "# `rm` reward model" in rm_card and "pipeline_tag: text-classification" in rm_card, "the RM's card replaces the Trainer's"
     top = (run / "report.md").read_text()
     assert "![PPO curves](eval/ppo_curves.png)" in top and "](eval/score_vs_kl.png)" in top, "the run-level copy links into eval/"
 
