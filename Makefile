@@ -1,7 +1,7 @@
 # rlhf-pipeline. Every target first builds .venv (once), then runs.
 #
 #   make pipeline                     the whole pipeline on configs/default.yaml, ending with its report
-#   make base | sft | rm | rlhf       run up to that stage, reusing up-to-date checkpoints
+#   make base | sft | rm | rlhf | dpo run up to that stage, reusing up-to-date checkpoints
 #   make eval                         the report (runs/<name>/report.md), building what it needs
 #   make generate [STAGE=sft] [PROMPT="..."]   answer PROMPT, or chat, with a checkpoint
 #   make status                       each stage's state, metrics and folder
@@ -28,7 +28,7 @@ RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 STAGE ?= rlhf
 PROMPT ?=
 
-.PHONY: help install pipeline base sft rm rlhf eval generate e2e bench gpu-check status config test clean-venv
+.PHONY: help install pipeline base sft rm rlhf dpo eval generate e2e bench gpu-check status config test clean-venv
 
 help:
 	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
@@ -47,7 +47,7 @@ $(INSTALLED): pyproject.toml
 pipeline: $(INSTALLED)
 	$(PY) -m pipeline run $(RUN_ARGS)
 
-base sft rm rlhf eval: $(INSTALLED)
+base sft rm rlhf dpo eval: $(INSTALLED)
 	$(PY) -m pipeline run $@ $(RUN_ARGS)
 
 generate: $(INSTALLED)

@@ -10,15 +10,17 @@ another; what they share lives in stages/shared/.
 from __future__ import annotations
 
 from pipeline.stage import Stage
-from stages import base, evaluation, rlhf, rm, sft
+from stages import base, dpo, evaluation, rlhf, rm, sft
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", base.BaseConfig, (), base.check, base.run, base.headline, main_only=True),
     Stage("sft", sft.SftConfig, ("base",), sft.check, sft.run, sft.headline, card=True),
     Stage("rm", rm.RmConfig, ("sft",), rm.check, rm.run, rm.headline, card=True),
     Stage("rlhf", rlhf.RlhfConfig, ("sft", "rm"), rlhf.check, rlhf.run, rlhf.headline, input_settings=("init_from", "reward_model"), card=True),
-    # Not a model: the report comparing base, SFT and RLHF on held-out prompts.
-    Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True),
+    # Optional: in a run whose config has a dpo section, beside rm + rlhf on the same preference rows.
+    Stage("dpo", dpo.DpoConfig, ("sft",), dpo.check, dpo.run, dpo.headline, card=True, optional=True),
+    # Not a model: the report comparing every policy of the run on held-out prompts.
+    Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf", "dpo"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

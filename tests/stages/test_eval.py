@@ -40,6 +40,7 @@ def tiny_run(tiny_model_dir, policy_dir, sft_rows, tmp_path_factory):
         rlhf={"data": {"prompts": str(rl), "eval_prompts": str(held)}, "method": "lora", "value_model": "reward", "value_layers": 1, "steps": 2, "batch_size": 4, "minibatch_size": 2,
               "microbatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6, "save_steps": 1,
               "rewards": [{"source": "rm"}, {"source": "demo.rewards:gold", "role": "audit", "name": "gold"}]},
+        dpo={"data": {"train": str(rankings)}, "max_steps": 2, "batch_size": 4, "max_length": 96, "save_steps": 10, "logging_steps": 1},
         eval={"prompts": str(held), "judge": JUDGE, "criteria": "demo.judge:gold_parts", "max_new_tokens": 6, "num_samples": 2,
               "compare_with": [{"name": "other", "path": str(policy_dir)}]},
     )
@@ -52,9 +53,9 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _, run = tiny_run
-    for stage in ("base", "sft", "rm", "rlhf", "eval"):
+    for stage in ("base", "sft", "rm", "rlhf", "dpo", "eval"):
         assert ckpt.is_complete(run / stage), stage
-    for stage in ("base", "sft", "rlhf"):
+    for stage in ("base", "sft", "rlhf", "dpo"):
         AutoModelForCausalLM.from_pretrained(run / stage)
     for folder in ("rm", "rlhf/value"):
         AutoModelForSequenceClassification.from_pretrained(run / folder)
@@ -67,8 +68,9 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     result = json.loads((run / "eval" / "report.json").read_text())
     metrics = result["metrics"]
     samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 6 and all(set(s) == {"prompt", "base", "sft", "rlhf", "other"} for s in samples)
-    assert set(metrics["policies"]) == {"base", "sft", "rlhf", "other"}, "a compare_with policy is evaluated like the run's own"
+    assert len(samples) == 6 and all(set(s) == {"prompt", "base", "sft", "rlhf", "dpo", "other"} for s in samples)
+    assert set(metrics["policies"]) == {"base", "sft", "rlhf", "dpo", "other"}, "the run's four policies, and a compare_with policy evaluated like them"
+    assert set(metrics["win_rates"]) == {"rlhf", "dpo", "other"}
 
     def mean(values):
         return sum(values) / len(values)
@@ -88,6 +90,8 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     assert metrics["win_rate_gold"] == pytest.approx(mean(wins)) == pytest.approx(metrics["win_rates"]["rlhf"]["gold"])
     other_wins = [1.0 if s["other"]["rm_score"] > s["sft"]["rm_score"] else 0.5 if s["other"]["rm_score"] == s["sft"]["rm_score"] else 0.0 for s in samples]
     assert metrics["win_rates"]["other"]["rm"] == pytest.approx(mean(other_wins))
+    dpo_wins = [1.0 if s["dpo"]["gold"] > s["sft"]["gold"] else 0.5 if s["dpo"]["gold"] == s["sft"]["gold"] else 0.0 for s in samples]
+    assert metrics["win_rates"]["dpo"]["gold"] == pytest.approx(mean(dpo_wins))
     assert metrics["compared"]["other"]["path"] == str(policy_dir)
     # SFT is loaded apart from the reference: its KL is measured through the same path as the others'.
     assert metrics["policies"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-4), "SFT's KL from its own copy"
@@ -102,13 +106,13 @@ def test_the_whole_default_runs_on_a_tiny_model_and_leaves_a_report(tiny_run, po
     assert metrics["reward_model"]["accuracy_by_criterion"] == by_criterion
     report = (run / "eval" / "report.md").read_text()
     assert "## Reward model" in report and "| pairs that differ only in | pairs | accuracy |" in report
-    assert "| rlhf | this run |" in report and "Win rate over SFT" in report and "![PPO curves](ppo_curves.png)" in report
+    assert "| rlhf | this run |" in report and "| dpo | this run |" in report and "Win rate over SFT" in report and "![PPO curves](ppo_curves.png)" in report
     assert "![score against KL](score_vs_kl.png)" in report
     scatter = imread(run / "eval" / "score_vs_kl.png")
     assert scatter.ndim == 3 and scatter.shape[1] > 600, "two panels: RM score and gold score against KL"
     assert "| other |" in report and "## What the answers do (judge criteria)" in report and "| policy | correct | warm_opening |" in report
     eval_build = json.loads((run / "eval" / "manifest.json").read_text())["build_id"]
-    for policy in ("sft", "rlhf"):
+    for policy in ("sft", "rlhf", "dpo"):
         card = (run / policy / "README.md").read_text()
         assert card.startswith("---\n") and f"eval build `{eval_build}`" in card, f"{policy}'s card carries the eval's figures"
         assert json.loads((run / policy / "manifest.json").read_text())["build_id"] in card
