@@ -77,6 +77,18 @@ def test_a_planted_preference_is_learned_on_held_out_prompts(policy_dir, sft_row
     total = sum(p.numel() for p in model.parameters())
     assert (trainable < total / 2) if method == "lora" else trainable == total
 
+    # The saved policy prefers the marker on prompts no row had, relative to the SFT model,
+    # by tokens built here: what was learned is the planted preference, not its mirror image.
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    fresh = [{"prompt_ids": encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]), "chosen_ids": tokens(r["response"] + " Cheers!"),
+              "rejected_ids": tokens(r["response"])} for r in sft_rows[200:220]]
+    (chosen, rejected), (sft_chosen, sft_rejected) = sum_logps(model.eval(), fresh), sum_logps(AutoModelForCausalLM.from_pretrained(policy_dir), fresh)
+    assert ((chosen - sft_chosen) - (rejected - sft_rejected) > 0).float().mean() >= 0.95
+
 
 # ---------------------------------------------------------------- 2. pairs and tokens
 
