@@ -70,7 +70,9 @@ class DpoData:
 
 @dataclass(frozen=True)
 class DpoConfig(TrainerSettings):
-    """TrainerSettings (init_from: a causal-LM folder instead of the run's SFT checkpoint), plus:"""
+    """TrainerSettings (init_from: a causal-LM folder instead of the run's SFT checkpoint), plus
+    the settings below. TRL turns every dropout layer off (policy, reference and LoRA's), so
+    that the policy starts exactly at the reference: lora.dropout has no effect here."""
 
     data: DpoData = DpoData()
     batch_size: int = 8
