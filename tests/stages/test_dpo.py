@@ -209,6 +209,32 @@ def test_a_killed_run_resumes_to_the_same_weights(policy_dir, sft_rows, tmp_path
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
 
 
+def test_a_dpo_run_killed_for_real_resumes_through_the_cli_to_the_same_weights(tiny_model_dir, sft_rows, tmp_path):
+    from pipeline import cli
+    from tests.conftest import tiny_config
+    from tests.pipeline.test_resume import kill_after_checkpoint, start, weights
+
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:32])
+    rankings = write_jsonl(tmp_path / "pref.jsonl", planted_rankings(sft_rows, 60))
+    section = {"data": {"train": str(rankings), "eval_fraction": 0.25}, **TINY_DPO, "max_steps": 150, "batch_size": 4, "learning_rate": 1e-3}
+    straight = tiny_config(tmp_path, tiny_model_dir, train, name="straight", sft={"max_steps": 2}, dpo=section)
+    assert cli.main(["run", "dpo", "--config", str(straight)]) == 0
+
+    config = tiny_config(tmp_path, tiny_model_dir, train, name="killed", sft={"max_steps": 2}, dpo=section)
+    assert cli.main(["run", "sft", "--config", str(config)]) == 0  # so the kill lands in dpo
+    kill_after_checkpoint(config, "dpo", at_least=30)
+    process = start(config, "dpo")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "dpo: resuming the interrupted run from step" in output
+    run = tmp_path / "runs" / "killed"
+    metrics = json.loads((run / "dpo" / "manifest.json").read_text())["metrics"]
+    assert 0 < metrics["steps_last_attempt"] < 150 and metrics["steps"] == 150
+    expected, actual = weights(tmp_path / "runs" / "straight" / "dpo"), weights(run / "dpo")
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
+
+
 # ---------------------------------------------------------------- 5. bad input
 
 
