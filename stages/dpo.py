@@ -20,9 +20,10 @@ own tokens, then EOS; the loss and the log-probs cover the completion and its EO
 These are exactly rm's tokens; TRL's own conversational format would append what
 the template writes after EOS (a newline for ChatML), which the policy never emits.
 
-The reference. Every loss type of TRL 1.16's DPOTrainer reads the reference
-log-probs (none is reference-free; the old `reference_free` flag is gone, SimPO and
-CPO live in CPOTrainer), so there is always one. With `method: full` it is a frozen
+The reference. TRL 1.16's DPOTrainer runs the reference forward pass for every loss
+type (it has no `reference_free` switch any more; only `sft` then ignores the numbers,
+and the reference-free SimPO and CPO live in trl.experimental.cpo), so there is
+always one. With `method: full` it is a frozen
 second copy of the SFT model. With `method: lora` it is the same weights with the
 adapter switched off (TRL does this when given no ref_model and a fresh adapter), so
 no second model is held.
