@@ -23,10 +23,9 @@ the template writes after EOS (a newline for ChatML), which the policy never emi
 The reference. TRL 1.16's DPOTrainer runs the reference forward pass for every loss
 type (it has no `reference_free` switch any more; only `sft` then ignores the numbers,
 and the reference-free SimPO and CPO live in trl.experimental.cpo), so there is
-always one. With `method: full` it is a frozen
-second copy of the SFT model. With `method: lora` it is the same weights with the
-adapter switched off (TRL does this when given no ref_model and a fresh adapter), so
-no second model is held.
+always one. With `method: full` it is a frozen second copy of the SFT model. With
+`method: lora` it is the same weights with the adapter switched off (TRL does this
+when given no ref_model and a fresh adapter), so no second model is held.
 
 Metrics. The held-out implicit reward of a completion is beta * (log pi(y|x) -
 log pi_ref(y|x)); a pair is right when the chosen one's is higher. Before training
