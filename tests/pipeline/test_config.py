@@ -70,7 +70,7 @@ def test_unknown_nested_key(tmp_path):
 
 def test_unknown_section(tmp_path):
     path = write(tmp_path, "sft: {}\nppo:\n  lr: 1\n")
-    assert error_of(path) == f"{path}:2: ppo: unknown section (expected one of: run, base, sft, rm, rlhf, eval)"
+    assert error_of(path) == f"{path}:2: ppo: unknown section (expected one of: run, base, sft, rm, rlhf, dpo, eval)"
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,8 @@ def test_a_dpo_run_killed_for_real_resumes_through_the_cli_to_the_same_weights(t
     section = {"data": {"train": str(rankings), "eval_fraction": 0.25}, **TINY_DPO, "max_steps": 150, "batch_size": 4, "learning_rate": 1e-3}
     straight = tiny_config(tmp_path, tiny_model_dir, train, name="straight", sft={"max_steps": 2}, dpo=section)
     assert cli.main(["run", "dpo", "--config", str(straight)]) == 0
+    built = sorted(p.name for p in (tmp_path / "runs" / "straight").iterdir() if (p / "manifest.json").is_file())
+    assert built == ["base", "dpo", "sft"], "dpo needs sft and the preference rows, not rm or rlhf"
 
     config = tiny_config(tmp_path, tiny_model_dir, train, name="killed", sft={"max_steps": 2}, dpo=section)
     assert cli.main(["run", "sft", "--config", str(config)]) == 0  # so the kill lands in dpo
