@@ -1,4 +1,4 @@
-"""`python -m pipeline`: the command line behind the make targets, and the one place
+"""`python -m pipeline`, installed as `rlhf-pipeline`: the command line behind the make targets, and the one place
 where the framework meets the stage registry (it hands `stages.STAGES` to the config
 loader and the runner).
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline import config as configuration
 from pipeline import generate
@@ -28,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (YAML); default {DEFAULT_CONFIG}")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. sft.learning_rate=1e-5; repeatable")
-    top = argparse.ArgumentParser(prog="python -m pipeline", description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
+    prog = "rlhf-pipeline" if Path(sys.argv[0]).name == "rlhf-pipeline" else "python -m pipeline"
+    top = argparse.ArgumentParser(prog=prog, description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="run a stage and whatever it needs upstream")
     run.add_argument("stage", nargs="?", choices=names, default=names[-1], help=f"stage to reach (default: {names[-1]}, the whole pipeline)")
@@ -42,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     overrides = [item for text in args.set for item in _split(text)]
+    if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
+        print(f"error: {DEFAULT_CONFIG}: config file not found (it is in the checkout; elsewhere pass --config FILE)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         cfg = configuration.load(args.config, overrides, config_classes())
         if args.command == "config":
