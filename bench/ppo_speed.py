@@ -28,6 +28,7 @@ VARIANTS = {
     "lora-value15": {"method": "lora", "precision": "fp32", "value_layers": 15},  # value adapter on the top 15 of 30 layers
     "lora-reward": {"method": "lora", "precision": "fp32", "value_model": "reward"},  # value adapter on the reward model
     "lora-reward8": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8},  # the default: on its top 8 layers, fed its states below them
+    "lora-reward8-ckpt": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 8, "activation_checkpointing": True},  # the default, recomputing the policy's activations
     "lora-reward8-bf16": {"method": "lora", "precision": "bf16", "value_model": "reward", "value_layers": 8},  # the default as a GPU runs it (precision auto)
     "lora-reward4": {"method": "lora", "precision": "fp32", "value_model": "reward", "value_layers": 4},
     "lora-unmerged": {"method": "lora", "precision": "fp32", "merge_for_sampling": False},

@@ -85,6 +85,8 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path | None, reward_std: float = 
     value = layout.build(BuildInputs(cfg, policy, reward_model, rm_dir, reward_std, head, lora, note))
     trained = PolicyAndValue(policy, value)
     trained.eval()
+    if cfg.activation_checkpointing:
+        policy.checkpoint_activations()
     policy.use()
     return Models(trained, reference, value.scorer(reward_model) if reward_model is not None else None)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.forward import response_logits
 from engine.packing import Packed
+from pipeline.config import ConfigError
 from rl.tokens import logprobs_from_logits
 
 POLICY = "policy"
@@ -62,6 +63,22 @@ class Policy(nn.Module):
         for name, p in self.model.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
+
+    def checkpoint_activations(self) -> None:
+        """Keep only each decoder layer's input in the forward pass and recompute the rest
+        in the backward (rlhf.activation_checkpointing): less memory, one more forward.
+        Transformers checkpoints a layer only in training mode; every model of the run has
+        dropout off (`no_dropout`), so the layers go into training mode computing exactly
+        what they did, and outside them the model stays in eval mode."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.model.get_base_model() if self.lora else self.model
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"rlhf.activation_checkpointing: {type(base).__name__} does not support activation checkpointing")
+        base.activation_checkpointing_enable({"use_reentrant": False})
+        for module in base.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.train()
 
     def adapted_modules(self) -> list[str]:
         """Module-name suffixes the policy adapter covers, for a second adapter to cover alike."""

@@ -45,6 +45,9 @@ class ValueLayout(nn.Module):
     uses_head = True
     """Whether `build` takes a fresh head (`BuildInputs.head`)."""
     needs_policy_hidden = False
+    switches_adapters = False
+    """Runs the policy's own layers with another adapter active: a backward that recomputes
+    them (activation checkpointing) would run whichever adapter is active by then."""
     """True when `values` reads the policy's last hidden states (one forward for both)."""
     keep_layer: int | None = None
     """The reward model's decoder layer whose input states scoring should record for `values`."""
@@ -98,6 +101,8 @@ class ValueAdapter(ValueLayout):
     """separate, LoRA: a second adapter, "value", on the policy's frozen SFT weights
     (on the top `value_layers` only, if set, so its backward stops there), under a
     head that starts as the reward model's."""
+
+    switches_adapters = True
 
     def __init__(self, head: nn.Module):
         super().__init__()

@@ -150,6 +150,9 @@ class RlhfConfig:
     ptx_coef: float = 0.0
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = setting(False, fingerprint=False)
+    """Recompute the policy's layer activations in the backward instead of keeping them:
+    less memory in the update, one more forward pass; the same gradients."""
     save_steps: int = setting(10, fingerprint=False)
     sample_steps: int = setting(10, fingerprint=False)
     """Steps between rollout samples written to samples.jsonl."""
@@ -212,6 +215,8 @@ class RlhfConfig:
 
 def check(cfg: RlhfConfig) -> None:
     from engine.reward_functions import prompt_text
+    from engine.values import LAYOUTS
+    from rl.advantages import ESTIMATORS
 
     check_loggers(cfg.report_to, "rlhf.report_to")
     check_lora(cfg, "rlhf.lora")
@@ -226,6 +231,12 @@ def check(cfg: RlhfConfig) -> None:
         data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
     if cfg.data.ptx is not None:
         ptx_rows(cfg)
+    layout = LAYOUTS.get((cfg.value_model, cfg.method)) if ESTIMATORS[cfg.advantage].needs_values else None
+    if cfg.activation_checkpointing and layout is not None and layout.switches_adapters:
+        raise ConfigError(
+            f"rlhf.activation_checkpointing: with value_model {cfg.value_model} and method {cfg.method} the value is a second adapter on the policy's layers, "
+            "and the backward's recompute would run whichever adapter is active then; use value_model: reward or shared, or turn it off"
+        )
     if cfg.top_k or cfg.top_p < 1:
         warnings.warn("rlhf: top_k/top_p sample from a truncated policy, so the KL estimate is biased (it can go negative); plain temperature sampling is exact", stacklevel=2)
 
