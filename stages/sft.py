@@ -83,7 +83,7 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
     sample_prompts = [row["prompt"] for row in sample_rows]
 
     def measure() -> dict:
-        before = {"eval_loss": trainer.evaluate()["eval_loss"], "samples": []}
+        before = {"eval_loss": training.evaluate_before_training(trainer)["eval_loss"], "samples": []}
         if trainer.is_world_process_zero():
             before["samples"] = training.greedy_answers(trainer.model, tokenizer, sample_prompts, cfg.sample_max_new_tokens)
         return before

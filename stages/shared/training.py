@@ -1,10 +1,15 @@
-"""Pieces the Trainer stages (SFT, RM) share: their TRL arguments, resumable
+"""Pieces the Trainer stages (SFT, RM, DPO) share: their TRL arguments, resumable
 checkpoints, the cached "before training" numbers, the merged-LoRA save and the
-training log. Imported only inside stage `run` functions (it pulls in torch)."""
+training log. Imported only inside stage `run` functions (it pulls in torch).
+
+Under FSDP (accelerate launch --config_file configs/accelerate/fsdp2.yaml) each process
+holds a shard of the weights once training starts, so `train` gathers them into one whole
+copy on the main process, which `save_model` writes as a plain folder."""
 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,7 +93,76 @@ def train(trainer, name: str, out_dir: Path) -> int:
     counter = CountSteps()
     trainer.add_callback(counter)
     trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    _gather_if_sharded(trainer)
     return counter.steps
+
+
+def evaluate_before_training(trainer) -> dict:
+    """trainer.evaluate() before trainer.train(), leaving the model to be wrapped for training.
+
+    transformers 5.24 prepares the model for evaluation only, and accelerate 1.15 then marks
+    it prepared (`_is_accelerate_prepared`), so training would skip wrapping it in DDP: each
+    process would train alone on its share of the data. The mark is taken off again. Under
+    FSDP2 transformers asks accelerate to shard the model without its optimizer there, which
+    accelerate refuses ("a model and optimizer must be passed together"); registered as it
+    is, whole on every process's device (as under DDP, so it must fit on one; and not with
+    fsdp_cpu_ram_efficient_loading, which leaves all but the main process empty until
+    training), the model is evaluated as under DDP and sharded when training starts."""
+    if getattr(trainer, "is_fsdp_enabled", False) and not _is_sharded(trainer.model):
+        trainer.model.to(trainer.args.device)
+        trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+
+
+_WHOLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""A sharded model -> its whole copy on the main process, for save_model."""
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _gather_if_sharded(trainer) -> None:
+    """Every process takes part in gathering the full state dict, which only the main
+    process receives; it loads it into a whole copy of the model there."""
+    if not _is_sharded(trainer.model):
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        _WHOLE[trainer.model] = whole_copy(trainer.model, state)
+
+
+def whole_copy(model, state: dict):
+    """An unsharded model of `model`'s kind (a PEFT model with the same adapter when it is
+    one) holding `state`, built on the meta device and then filled: parameters and
+    persistent buffers from `state`, in their dtypes; the other buffers (rotary
+    frequencies) from `model`, where FSDP leaves them whole."""
+    from peft import PeftModel, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    peft = isinstance(model, PeftModel)
+    inner = model.get_base_model() if peft else model
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        copy = cls(inner.config)
+    copy.to_empty(device="cpu")
+    copy.tie_weights()  # to_empty gives each module its own tensor
+    if peft:
+        copy = get_peft_model(copy, model.peft_config[model.active_adapter], adapter_name=model.active_adapter)
+    with torch.no_grad():
+        for name, param in copy.named_parameters():  # tied weights appear once here, and stay tied
+            param.data = param.data.to(state[name].dtype)
+        copy.load_state_dict(state, strict=True)
+        live = dict(model.named_buffers())
+        for name, buffer in copy.named_buffers():
+            if name not in state:
+                buffer.copy_(live[name])
+    return copy
 
 
 def before_training(out_dir: Path, measure: Callable[[], dict], is_main: bool) -> dict:
@@ -105,7 +179,9 @@ def before_training(out_dir: Path, measure: Callable[[], dict], is_main: bool) -
 
 def save_model(model, tokenizer, out_dir: Path, lora: bool):
     """The trained model as a plain folder; with LoRA, merged, the adapter kept in
-    adapter/ beside it. Returns the model as saved."""
+    adapter/ beside it. Returns the model as saved (under FSDP, the whole copy `train`
+    gathered on the main process)."""
+    model = _WHOLE.pop(model, model)
     if lora:
         model.save_pretrained(out_dir / "adapter")
         model = model.merge_and_unload()
