@@ -1,0 +1,164 @@
+"""The Trainer stages (sft, rm, dpo) launched the way the README says, with `accelerate
+launch --config_file configs/accelerate/<name>.yaml`, on two CPU processes (gloo): under
+FSDP2 (with and without CPU offload) and DDP each ends at the weights of one process
+taking the same global batch, in the same plain from_pretrained folders, and an FSDP2 run
+killed after a sharded checkpoint resumes to the weights of an uninterrupted one.
+
+On CPU, accelerate 1.15 silently drops FSDP (the run would be DDP), so the FSDP runs go
+through tests/stages/fsdp_on_cpu.py, which lifts that one gate and nothing else.
+
+Tolerance. Both runs see the same rows in the same steps, in fp32; only the order of the
+sums differs (each process's half, then an all-reduce or reduce-scatter), so gradients
+agree to ~1e-7 relative. Adam divides by sqrt(v) + eps (1e-8), which turns that into
+larger update differences on the few elements whose gradient is within a few eps of
+zero: measured at most 5.8e-5 on one element (rm, DDP; 4.4e-5 under FSDP2) of updates
+up to 6e-3, and 1e-4 of the update as a whole. The bounds, MAX_DIFF = 2e-4 on any element
+and NORM_RATIO = 1e-3 of the update's norm, are about three and ten times that; a wrong
+data split, a missing gradient reduction or an unsynchronised rank moves the weights by a
+whole step (~lr, 1e-3 to 3e-3) and fails them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pipeline import cli
+from tests.conftest import ROOT, planted_rankings, tiny_config, write_jsonl
+
+MAX_DIFF = 2e-4
+NORM_RATIO = 1e-3
+LORA = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+# 51 sft rows and 30 rm/dpo training prompts: every step below is a full global batch of 8
+# (a short last batch is padded differently by one and two processes).
+SFT = {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-3}
+TRAINER = {"max_steps": 3, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_length": 96, "save_steps": 2, "logging_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def data(sft_rows, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("fsdp_data")
+    return {"sft": write_jsonl(folder / "sft.jsonl", sft_rows[:64]), "pref": write_jsonl(folder / "pref.jsonl", planted_rankings(sft_rows, 40))}
+
+
+def config(folder: Path, model_dir: Path, data: dict[str, Path], processes: int, lora: bool = False) -> Path:
+    """sft, rm and dpo on the tiny model with a global batch of 8: 8 rows per process
+    on one, 4 on each of two."""
+    per_process = {"batch_size": 8 // processes, **(LORA if lora else {})}
+    preferences = {"data": {"train": str(data["pref"]), "eval_fraction": 0.25}, **TRAINER, **per_process}
+    return tiny_config(folder, model_dir, data["sft"], sft={**SFT, **per_process}, rm=preferences, dpo=preferences)
+
+
+def launch(accelerate_config: str, stage: str, config_path: Path, **env: str) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    module = "pipeline" if accelerate_config == "ddp" else "tests.stages.fsdp_on_cpu"
+    return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def ran(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("[pipeline] summary:") == 1, "only the main process reports"
+
+
+def run_dir(config_path: Path) -> Path:
+    return Path(yaml.safe_load(config_path.read_text())["run"]["output_dir"]) / "tiny"
+
+
+def assert_same_weights(folder: Path, reference: Path, start: Path, name: str = "model.safetensors") -> None:
+    """`folder` holds the weights `reference` holds (the one-process run), within the stated
+    tolerance, relative to the update `reference` made from `start`."""
+    got, want, before = load_file(folder / name), load_file(reference / name), load_file(start / "model.safetensors")
+    assert got.keys() == want.keys(), f"{folder}: {sorted(got.keys() ^ want.keys())}"
+    assert all(got[k].dtype == want[k].dtype and got[k].shape == want[k].shape for k in want)
+    diff = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+    moved = [k for k in want if k in before and before[k].shape == want[k].shape]
+    norm = sum(((got[k].double() - want[k].double()) ** 2).sum() for k in moved) ** 0.5
+    update = sum(((want[k].double() - before[k].double()) ** 2).sum() for k in moved) ** 0.5
+    assert diff <= MAX_DIFF and norm <= NORM_RATIO * update, f"{folder}/{name}: max |diff| {diff:.3g}, |diff| / |update| {float(norm / update):.3g}"
+
+
+def plain_folders(run: Path) -> None:
+    """Finished folders load with from_pretrained and hold no sharded checkpoint."""
+    for stage in ("sft", "dpo"):
+        if (run / stage).exists():
+            AutoModelForCausalLM.from_pretrained(run / stage)
+    if (run / "rm").exists():
+        AutoModelForSequenceClassification.from_pretrained(run / "rm")
+    assert not [p for p in run.rglob("*") if p.suffix == ".distcp" or p.name.startswith("checkpoint-")]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, data, tmp_path_factory):
+    """The reference runs, in this process: {lora: run folder}, each with sft, rm and dpo."""
+    runs = {}
+    for lora in (False, True):
+        path = config(tmp_path_factory.mktemp("one"), tiny_model_dir, data, processes=1, lora=lora)
+        assert cli.main(["run", "rm", "--config", str(path)]) == 0
+        assert cli.main(["run", "dpo", "--config", str(path)]) == 0
+        runs[lora] = run_dir(path)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def fsdp2_full(tiny_model_dir, data, tmp_path_factory):
+    """sft, rm and dpo (full fine-tuning) under FSDP2: its config and run folder."""
+    path = config(tmp_path_factory.mktemp("fsdp2"), tiny_model_dir, data, processes=2)
+    for stage in ("rm", "dpo"):
+        result = launch("fsdp2", stage, path)
+        ran(result)
+        assert result.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
+    return path, run_dir(path)
+
+
+def test_sft_rm_and_dpo_under_fsdp2_match_one_process(fsdp2_full, one_process):
+    _, run = fsdp2_full
+    reference = one_process[False]
+    assert_same_weights(run / "sft", reference / "sft", reference / "base")
+    assert_same_weights(run / "rm", reference / "rm", reference / "sft")
+    assert_same_weights(run / "dpo", reference / "dpo", reference / "sft")
+    plain_folders(run)
+
+
+def test_lora_under_fsdp2_matches_one_process_merged_and_adapter(tiny_model_dir, data, one_process, tmp_path):
+    path = config(tmp_path, tiny_model_dir, data, processes=2, lora=True)
+    for stage in ("rm", "dpo"):
+        ran(launch("fsdp2", stage, path))
+    run, reference = run_dir(path), one_process[True]
+    for stage, parent in (("sft", "base"), ("rm", "sft"), ("dpo", "sft")):
+        assert_same_weights(run / stage, reference / stage, reference / parent)
+        adapter, want = load_file(run / stage / "adapter" / "adapter_model.safetensors"), load_file(reference / stage / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == want.keys() and max((adapter[k] - want[k]).abs().max().item() for k in want) <= MAX_DIFF
+    plain_folders(run)
+
+
+@pytest.mark.parametrize("accelerate_config", ["fsdp2_offload", "ddp"])
+def test_sft_and_rm_under_fsdp2_with_offload_and_ddp_match_one_process(tiny_model_dir, data, one_process, tmp_path, accelerate_config):
+    path = config(tmp_path, tiny_model_dir, data, processes=2)
+    ran(launch(accelerate_config, "rm", path))
+    run, reference = run_dir(path), one_process[False]
+    assert_same_weights(run / "sft", reference / "sft", reference / "base")
+    assert_same_weights(run / "rm", reference / "rm", reference / "sft")
+    plain_folders(run)
+
+
+def test_fsdp2_sft_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(tiny_model_dir, data, fsdp2_full, tmp_path):
+    path = config(tmp_path, tiny_model_dir, data, processes=2)
+    killed = launch("fsdp2", "sft", path, EXIT_AFTER_CHECKPOINT="2")
+    assert killed.returncode != 0
+    partial = run_dir(path) / ".sft.partial" / "checkpoint-2"
+    shards = sorted(p.name for p in (partial / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+    ran(resumed := launch("fsdp2", "sft", path))
+    assert "resuming from" in resumed.stdout
+    _, straight = fsdp2_full
+    got, want = load_file(run_dir(path) / "sft" / "model.safetensors"), load_file(straight / "sft" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
