@@ -6,13 +6,23 @@ pairs, HH dialogues), read and split by prompt the same way, so with the same se
 and file both stages hold out the same prompts. A row's "margin" is ignored: TRL's
 DPO losses have none.
 
-Pairs and their weight. DPO's loss is defined on pairs, so a ranking becomes one
-training row per (better, worse) pair it yields (`preferences.ranked_pairs`: every
-pair whose scores differ), each with equal weight, which is what TRL users get when
-they expand rankings into pairs. TRL's loss is a plain mean over a batch's rows,
-with no per-row weight, so a weight per prompt (rm's InstructGPT choice) would mean
-replacing TRL's loss. The cost: a K=4 ranking counts six times as much as one
-chosen/rejected row, and its pairs are shuffled apart like any others.
+Pairs, their order and their weight. DPO's loss is defined on pairs, so a ranking
+becomes one training row per (better, worse) pair it yields
+(`preferences.ranked_pairs`: every pair whose scores differ). A ranking's rows stay
+together, as rm keeps a prompt's completions together (InstructGPT's reason: a
+prompt's pairs scattered across an epoch put each completion into several separate
+updates, and overfit). The training order (`RankingOrder`, the Trainer's train
+sampler) shuffles the rankings, seeded by the run seed and the epoch (a new order each
+epoch; the same on every process and after a resume), and gives each ranking's pairs
+one after another, so they share a batch. A ranking may straddle a batch boundary (one
+with more pairs than a batch holds always does): the rest of its pairs then open the
+next batch, which may be the next optimiser step (or, with gradient accumulation or
+several processes, another share of the same step). Batches are not packed with whole
+rankings: the Trainer and accelerate want batches of one size. Each pair has equal
+weight, which is what TRL users get when they expand rankings into pairs: TRL's loss
+is a plain mean over a batch's rows, with no per-row weight, so a weight per prompt
+(rm's InstructGPT choice) would mean replacing TRL's loss. The cost: a K=4 ranking
+counts six times as much as one chosen/rejected row.
 
 Tokens. A completion is what the policy generates: the chat-templated prompt with
 the generation prompt (engine.chat.encode_prompt, as rm and rlhf), the completion's
@@ -36,6 +46,8 @@ the policy is the reference, so every pair is an exact tie: ties count as wrong 
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -178,6 +190,36 @@ def encode_all(tokenizer, rankings, cfg: DpoConfig, dropped: dict) -> list[dict]
     return encoded
 
 
+class RankingOrder:
+    """The order in which the Trainer reads the training pairs: the rankings shuffled,
+    each ranking's pairs one after another. The dataset holds the rankings' pairs in
+    a row (`sizes[r]` pairs for ranking r). An epoch's order is a function of the seed
+    and the epoch alone (`set_epoch`), so every process computes the same one and a
+    resumed run the same one again; every pair appears once per epoch."""
+
+    def __init__(self, sizes: list[int], seed: int):
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"every ranking needs at least one pair, got sizes {sizes[:10]}")
+        self.sizes = list(sizes)
+        self.starts = [0, *itertools.accumulate(self.sizes)][:-1]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        rankings = list(range(len(self.sizes)))
+        random.Random(f"dpo rankings, seed {self.seed}, epoch {epoch}").shuffle(rankings)  # a str seed is hashed with sha512: the same in every process
+        return [i for r in rankings for i in range(self.starts[r], self.starts[r] + self.sizes[r])]
+
+    def __iter__(self):
+        return iter(self.order(self.epoch))
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -197,7 +239,7 @@ def run(cfg: DpoConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
     train_rows = [row for e in train for row in e["rows"]]
     held_rows = [row for e in held for row in e["rows"]]
 
-    trainer = build_trainer(cfg, model_dir, tokenizer, train_rows, out_dir, seed)
+    trainer = build_trainer(cfg, model_dir, tokenizer, [e["rows"] for e in train], out_dir, seed)
     start = training.before_training(out_dir, lambda: held_out_logps(trainer, held_rows, cfg.eval_batch_size), trainer.is_world_process_zero())
     steps_this_attempt = training.train(trainer, "dpo", out_dir)
     end = held_out_logps(trainer, held_rows, cfg.eval_batch_size)
@@ -236,19 +278,39 @@ def run(cfg: DpoConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
     }
 
 
-def build_trainer(cfg: DpoConfig, model_dir: Path, tokenizer, train_rows: list[dict], out_dir: Path, seed: int):
-    """TRL's DPOTrainer on our tokenised pairs, checkpointing into `out_dir`. Full
-    fine-tuning gets a frozen copy of the start model as its reference; LoRA gets
-    none, so TRL switches the adapter off for the reference log-probs."""
+def build_trainer(cfg: DpoConfig, model_dir: Path, tokenizer, train: list[list[dict]], out_dir: Path, seed: int):
+    """TRL's DPOTrainer on our tokenised pairs (`train`: each ranking's pair rows, see
+    `encode`), read in `RankingOrder`, checkpointing into `out_dir`. Full fine-tuning
+    gets a frozen copy of the start model as its reference; LoRA gets none, so TRL
+    switches the adapter off for the reference log-probs."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from stages.shared import training
 
+    sizes = [len(rows) for rows in train]
+
     class PairsDPOTrainer(DPOTrainer):
+        ranking_order: RankingOrder | None = None
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # encode() has tokenised and cut every pair already
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if len(dataset) != sum(sizes):
+                raise ValueError(f"the training set has {len(dataset)} rows, its rankings {sum(sizes)} pairs")
+            self.ranking_order = RankingOrder(sizes, self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            return self.ranking_order
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            # The dataloader passes the epoch on to its sampler, except on 2+ processes in the
+            # epoch a resume starts mid-way: accelerate 1.15's skip_first_batches then wraps
+            # the BatchSamplerShard, whose set_epoch path never reaches the sampler, which
+            # would replay epoch 0's order. The Trainer knows the epoch: set it here.
+            self.ranking_order.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
 
     args = DPOConfig(
         **training.trainer_arguments(cfg, out_dir, seed),
@@ -263,7 +325,7 @@ def build_trainer(cfg: DpoConfig, model_dir: Path, tokenizer, train_rows: list[d
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         ref_model=None if lora else AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
+        train_dataset=Dataset.from_list([row for rows in train for row in rows]),
         processing_class=tokenizer,
         peft_config=cfg.lora.peft_config("CAUSAL_LM") if lora else None,
         callbacks=[training.MarkCompleteCheckpoints()],

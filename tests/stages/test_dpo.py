@@ -1,5 +1,6 @@
 """The dpo stage on a tiny model: a planted preference is learned on held-out prompts,
-K-wise rankings become equal-weight pairs with rm's tokens, the reference is the SFT
+K-wise rankings become equal-weight pairs with rm's tokens, read with each ranking's
+pairs together in a seeded order that changes each epoch, the reference is the SFT
 model (frozen copy, or the adapter switched off), a killed run resumes to the same
 weights, bad rows and settings stop the run in one line, and the accuracy is a pure
 function of log-prob sums."""
@@ -7,6 +8,7 @@ function of log-prob sums."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import re
 
@@ -136,7 +138,82 @@ def test_the_loss_types_are_the_ones_trl_dpo_implements():
     assert sorted(dpo.LOSS_TYPES) == sorted(implemented)
 
 
-# ---------------------------------------------------------------- 3. the reference
+# ---------------------------------------------------------------- 3. the order of the pairs
+
+
+def rankings_of(order: list[int], owner: list[int]) -> list[tuple[int, int]]:
+    """(ranking, how many of its pairs in a row) along an order of pair indices."""
+    return [(r, len(list(run))) for r, run in itertools.groupby(owner[i] for i in order)]
+
+
+def test_the_trainer_reads_each_rankings_pairs_together_in_a_seeded_order_new_each_epoch(policy_dir, sft_rows, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    from stages.shared import training
+
+    cfg = dpo.DpoConfig(method="lora", lora=LORA, batch_size=4, max_length=96)
+    tokenizer = training.load_tokenizer(policy_dir)
+    rankings = [preferences.parse(f"f:{i}", row) for i, row in enumerate(planted_rankings(sft_rows, 24))]
+    train = [e["rows"] for e in dpo.encode_all(tokenizer, rankings, cfg, {})]
+    owner = [r for r, rows in enumerate(train) for _ in rows]
+    assert max(len(rows) for rows in train) > 1 and len(owner) > len(train), "rankings with several pairs"
+
+    def orders(seed: int, epochs: int = 3) -> tuple[list[list[int]], DPOTrainer]:
+        """The pair indices the trainer's own train dataloader reads in each epoch."""
+        trainer = dpo.build_trainer(cfg, policy_dir, tokenizer, train, tmp_path / str(seed), seed=seed)
+        loader = trainer.get_train_dataloader()
+        out = []
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)  # as the Trainer does before each epoch
+            out.append([i for batch in loader.batch_sampler for i in batch])
+        return out, trainer
+
+    first, trainer = orders(seed=0)
+    for order in first:
+        assert sorted(order) == list(range(len(owner))), "every pair once per epoch"
+        runs = rankings_of(order, owner)
+        assert sorted(r for r, _ in runs) == list(range(len(train))), f"a ranking's pairs are split up: {runs}"
+        assert all(n == len(train[r]) for r, n in runs)
+    assert first[0] != first[1] != first[2] != first[0], "a new order each epoch"
+    assert rankings_of(first[0], owner) != sorted(rankings_of(first[0], owner)), "the rankings are shuffled"
+    assert orders(seed=0, epochs=2)[0] == first[:2], "the same seed, the same order"
+    assert orders(seed=1, epochs=1)[0][0] != first[0]
+
+    # The Trainer hands each epoch's number to the order itself, also where the
+    # dataloader cannot (on 2+ processes, behind accelerate's skip_first_batches).
+    seen = []
+    monkeypatch.setattr(DPOTrainer, "_run_epoch", lambda self, model, epoch, **kwargs: seen.append(epoch), raising=False)
+    trainer._run_epoch(model=None, epoch=5, train_dataloader=None)
+    assert seen == [5] and trainer.ranking_order.epoch == 5
+
+
+def test_two_processes_read_one_order_between_them_also_when_resuming_mid_epoch():
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader
+
+    sizes = [1, 3, 6, 2, 1, 3, 1, 6, 2, 2, 3, 6]  # 36 pairs, 9 batches of 4: process 1's fifth is accelerate's padding (even_batches)
+    owner = [r for r, n in enumerate(sizes) for _ in range(n)]
+
+    def shard(rank: int, epoch: int, skip: int = 0) -> list[list[int]]:
+        order = dpo.RankingOrder(sizes, seed=7)  # each process builds its own
+        loader = prepare_data_loader(DataLoader(list(range(36)), batch_size=4, sampler=order), num_processes=2, process_index=rank, put_on_device=False)
+        if skip:
+            loader = skip_first_batches(loader, skip)
+        order.set_epoch(epoch)  # as PairsDPOTrainer._run_epoch does: behind skip_first_batches, the next line does not reach it
+        loader.set_epoch(epoch)
+        return [batch.tolist() for batch in loader]
+
+    for epoch in (0, 1):
+        expected = dpo.RankingOrder(sizes, seed=7).order(epoch)
+        zero, one = shard(0, epoch), shard(1, epoch)
+        read = [i for pair in zip(zero, one, strict=True) for batch in pair for i in batch]
+        assert read[:36] == expected, "the processes take turns through one order"
+        assert sorted(r for r, _ in rankings_of(read[:36], owner)) == list(range(len(sizes)))
+        # Resuming in the middle of the epoch (3 steps done) reads what the uninterrupted run had left.
+        assert shard(0, epoch, skip=3) == zero[3:] and shard(1, epoch, skip=3) == one[3:]
+
+
+# ---------------------------------------------------------------- 4. the reference
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -146,8 +223,9 @@ def test_the_reference_stays_the_sft_model_while_the_policy_moves(policy_dir, sf
     cfg = dpo.DpoConfig(method=method, lora=LORA, max_steps=6, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, max_length=96, save_steps=100)
     tokenizer = training.load_tokenizer(policy_dir)
     rankings = [preferences.parse(f"f:{i}", row) for i, row in enumerate(planted_rankings(sft_rows, 24))]
-    rows = [row for e in dpo.encode_all(tokenizer, rankings, cfg, {}) for row in e["rows"]]
-    trainer = dpo.build_trainer(cfg, policy_dir, tokenizer, rows, tmp_path, seed=0)
+    train = [e["rows"] for e in dpo.encode_all(tokenizer, rankings, cfg, {})]
+    rows = [row for ranking in train for row in ranking]
+    trainer = dpo.build_trainer(cfg, policy_dir, tokenizer, train, tmp_path, seed=0)
     trainer.train()
     if method == "lora":
         assert trainer.ref_model is None, "no second model: the reference is the adapter switched off"
@@ -164,7 +242,7 @@ def test_the_reference_stays_the_sft_model_while_the_policy_moves(policy_dir, sf
     assert not torch.allclose(torch.tensor(measured["policy_chosen"]), sft_chosen, atol=1e-2), "the policy moved"
 
 
-# ---------------------------------------------------------------- 4. resume
+# ---------------------------------------------------------------- 5. resume
 
 
 class Interrupt(TrainerCallback):
@@ -237,7 +315,7 @@ def test_a_dpo_run_killed_for_real_resumes_through_the_cli_to_the_same_weights(t
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
 
 
-# ---------------------------------------------------------------- 5. bad input
+# ---------------------------------------------------------------- 6. bad input
 
 
 def test_a_bad_row_is_one_line_naming_its_file_and_line(policy_dir, sft_rows, tmp_path):
@@ -288,7 +366,7 @@ def test_defaults_load_and_label_smoothing_is_unused_unless_read():
     assert dpo.DpoConfig(loss_type="robust", method="lora").unused() == set()
 
 
-# ---------------------------------------------------------------- 6. the accuracy
+# ---------------------------------------------------------------- 7. the accuracy
 
 
 def test_implicit_reward_accuracy_on_hand_tensors():
