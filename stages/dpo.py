@@ -52,10 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from engine.chat import encode_prompt
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, SettingError, setting
-from stages.shared import data, preferences
+from stages.shared import preferences
 from stages.shared.settings import TrainerSettings, check_loggers, check_lora, check_model_folder
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -66,27 +65,12 @@ SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclass(frozen=True)
-class DpoData:
-    train: str = setting("configs/data/demo_rm.jsonl", path="local-or-hub")
-    """Preference rows, as the rm stage reads them: .jsonl/.json/.parquet, or a Hub dataset `org/name[:split]`."""
-    eval: str | None = setting(None, path="local-or-hub")
-    """Held-out rows; null holds out `eval_fraction` of the train prompts (the same prompts rm holds out)."""
-    eval_fraction: float = 0.1
-    drop_bad_rows: bool = False
-    """Skip (and count) rows that break a rule, instead of stopping at the first."""
-
-    def __post_init__(self):
-        if not 0 < self.eval_fraction < 1:
-            raise SettingError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
-
-
-@dataclass(frozen=True)
 class DpoConfig(TrainerSettings):
     """TrainerSettings (init_from: a causal-LM folder instead of the run's SFT checkpoint), plus
     the settings below. TRL turns every dropout layer off (policy, reference and LoRA's), so
     that the policy starts exactly at the reference: lora.dropout has no effect here."""
 
-    data: DpoData = DpoData()
+    data: preferences.PreferenceData = preferences.PreferenceData()
     batch_size: int = 8
     """Pairs per device per micro-step."""
     learning_rate: float = 5e-6
@@ -129,15 +113,7 @@ def check(cfg: DpoConfig) -> tuple[list, list | None, dict]:
     check_loggers(cfg.report_to, "dpo.report_to")
     check_lora(cfg, "dpo.lora")
     check_model_folder(cfg.init_from, "dpo.init_from")
-    train, dropped = preferences.read_rankings(data.read_rows(cfg.data.train, "dpo.data.train"), cfg.data.drop_bad_rows)
-    held = None
-    if cfg.data.eval is not None:
-        held, dropped_eval = preferences.read_rankings(data.read_rows(cfg.data.eval, "dpo.data.eval"), cfg.data.drop_bad_rows)
-        for reason, n in dropped_eval.items():
-            dropped[reason] = dropped.get(reason, 0) + n
-    if not train:
-        raise ConfigError(f"dpo.data.train: {cfg.data.train}: no usable rows (dropped: {dropped})")
-    return train, held, dropped
+    return preferences.read_data(cfg.data, "dpo")
 
 
 def headline(metrics: dict) -> str:
@@ -157,21 +133,8 @@ def encode(tokenizer, ranking: preferences.Ranking, max_length: int, max_prompt_
     are rm.encode's: the templated prompt (its last `max_prompt_length` tokens when
     longer), the completion's own tokens, EOS; a completion over max_length is cut and
     keeps no EOS. Raises BadRow if the prompt leaves no room for a completion."""
-    prompt_ids = encode_prompt(tokenizer, ranking.prompt)
-    cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
-    if cut_prompt:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max_length - len(prompt_ids) - 1
-    if room < 1:
-        raise preferences.BadRow(ranking.where, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion in max_length={max_length}")
-    completions, cut = [], 0
-    for completion in ranking.completions:
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if len(ids) > room:  # cut, and no EOS: the text did not end here
-            completions.append(ids[: room + 1])
-            cut += 1
-        else:
-            completions.append(ids + [tokenizer.eos_token_id])
+    tokens = preferences.tokenize(tokenizer, ranking, max_length, max_prompt_length)
+    prompt_ids, completions, cut, cut_prompt = tokens.prompt, tokens.completions, tokens.cut, tokens.cut_prompt
     rows = [{"prompt_ids": prompt_ids, "chosen_ids": completions[i], "rejected_ids": completions[j]} for i, j in ranking.pairs]
     return {"rows": rows, "cut": cut, "cut_prompt": int(cut_prompt)}
 

@@ -36,10 +36,7 @@ def plot_ppo_curves(history: list[dict], path: Path) -> list[str]:
         ax.set_xlabel("PPO step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return _save(fig, path)
 
 
 SCORE_VS_KL = "score_vs_kl.png"
@@ -66,6 +63,12 @@ def plot_score_vs_kl(metrics: dict, path: Path) -> list[str]:
         ax.set_ylabel(title, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,34 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from engine.chat import encode_prompt
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, SettingError, setting
-from stages.shared import data, preferences
+from stages.shared import preferences
 from stages.shared.judge import load_judge
 from stages.shared.settings import TrainerSettings, check_loggers, check_lora, check_model_folder
-
-
-@dataclass(frozen=True)
-class RmData:
-    train: str = setting("configs/data/demo_rm.jsonl", path="local-or-hub")
-    """Rankings: .jsonl/.json/.parquet, or a Hub dataset `org/name[:split]`."""
-    eval: str | None = setting(None, path="local-or-hub")
-    """Held-out rankings; null holds out `eval_fraction` of the train prompts."""
-    eval_fraction: float = 0.1
-    drop_bad_rows: bool = False
-    """Skip (and count) rows that break a rule, instead of stopping at the first."""
-
-    def __post_init__(self):
-        if not 0 < self.eval_fraction < 1:
-            raise SettingError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
 
 
 @dataclass(frozen=True)
 class RmConfig(TrainerSettings):
     """TrainerSettings (init_from: a causal-LM folder instead of the run's SFT checkpoint), plus:"""
 
-    data: RmData = RmData()
+    data: preferences.PreferenceData = preferences.PreferenceData()
     batch_size: int = 4
     """Prompts (each with all its completions) per device per micro-step."""
     learning_rate: float = 1e-5
@@ -81,15 +65,7 @@ def check(cfg: RmConfig) -> tuple[list, list | None, dict]:
     check_lora(cfg, "rm.lora")
     load_judge(cfg.criteria, "rm.criteria")
     check_model_folder(cfg.init_from, "rm.init_from")
-    train, dropped = preferences.read_rankings(data.read_rows(cfg.data.train, "rm.data.train"), cfg.data.drop_bad_rows)
-    held = None
-    if cfg.data.eval is not None:
-        held, dropped_eval = preferences.read_rankings(data.read_rows(cfg.data.eval, "rm.data.eval"), cfg.data.drop_bad_rows)
-        for reason, n in dropped_eval.items():
-            dropped[reason] = dropped.get(reason, 0) + n
-    if not train:
-        raise ConfigError(f"rm.data.train: {cfg.data.train}: no usable rows (dropped: {dropped})")
-    return train, held, dropped
+    return preferences.read_data(cfg.data, "rm")
 
 
 def headline(metrics: dict) -> str:
@@ -106,21 +82,8 @@ def encode(tokenizer, ranking: preferences.Ranking, max_length: int, margin: flo
     """Token ids of each completion as the policy would produce it: the templated
     prompt, the completion's own tokens, EOS. A prompt over `max_prompt_length` keeps
     its last tokens. Raises BadRow if the prompt leaves no room for a completion."""
-    prompt_ids = encode_prompt(tokenizer, ranking.prompt)
-    cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
-    if cut_prompt:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max_length - len(prompt_ids) - 1
-    if room < 1:
-        raise preferences.BadRow(ranking.where, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion in max_length={max_length}")
-    sequences, cut = [], 0
-    for completion in ranking.completions:
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if len(ids) > room:  # cut, and no EOS: the text did not end here
-            sequences.append(prompt_ids + ids[: room + 1])
-            cut += 1
-        else:
-            sequences.append(prompt_ids + ids + [tokenizer.eos_token_id])
+    tokens = preferences.tokenize(tokenizer, ranking, max_length, max_prompt_length)
+    sequences, cut, cut_prompt = [tokens.prompt + ids for ids in tokens.completions], tokens.cut, tokens.cut_prompt
     pair_margin = ranking.margin if ranking.margin is not None else margin
     return {
         "input_ids": sequences,

@@ -1,5 +1,5 @@
-"""Preference data for the reward model: every accepted row shape becomes one
-`Ranking`, a prompt with K >= 2 completions and a score for each (higher is better).
+"""Preference data for the reward model and DPO: the `data:` settings both stages take
+(`PreferenceData`), and every accepted row shape becomes one `Ranking`, a prompt with K >= 2 completions and a score for each (higher is better).
 
 Accepted rows (from any source `stages.data.read_rows` reads):
 
@@ -22,8 +22,27 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError
-from stages.shared.data import messages_field, text_field
+from engine.chat import encode_prompt
+from pipeline.config import ConfigError, SettingError, setting
+from stages.shared.data import messages_field, read_rows, text_field
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    """The `data:` section of the stages that learn from preferences (rm, dpo)."""
+
+    train: str = setting("configs/data/demo_rm.jsonl", path="local-or-hub")
+    """Rankings or pairs: .jsonl/.json/.parquet, or a Hub dataset `org/name[:split]`."""
+    eval: str | None = setting(None, path="local-or-hub")
+    """Held-out rows; null holds out `eval_fraction` of the train prompts (with the same seed
+    and file, rm and dpo hold out the same prompts)."""
+    eval_fraction: float = 0.1
+    drop_bad_rows: bool = False
+    """Skip (and count) rows that break a rule, instead of stopping at the first."""
+
+    def __post_init__(self):
+        if not 0 < self.eval_fraction < 1:
+            raise SettingError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
 
 
 @dataclass
@@ -196,3 +215,50 @@ def split_by_prompt(rankings: list[Ranking], fraction: float, seed: int, key: st
     n_held = min(len(prompts) - 1, max(1, round(len(prompts) * fraction)))
     held = set(prompts[:n_held])
     return [r for r in rankings if r.key not in held], [r for r in rankings if r.key in held]
+
+
+def read_data(cfg: PreferenceData, section: str) -> tuple[list[Ranking], list[Ranking] | None, dict[str, int]]:
+    """A stage's `data:` read whole before anything trains: (train, held-out or None when it is
+    carved from train, dropped counts); `section` ("rm", "dpo") names the keys in errors."""
+    train, dropped = read_rankings(read_rows(cfg.train, f"{section}.data.train"), cfg.drop_bad_rows)
+    held = None
+    if cfg.eval is not None:
+        held, dropped_eval = read_rankings(read_rows(cfg.eval, f"{section}.data.eval"), cfg.drop_bad_rows)
+        for reason, n in dropped_eval.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    if not train:
+        raise ConfigError(f"{section}.data.train: {cfg.train}: no usable rows (dropped: {dropped})")
+    return train, held, dropped
+
+
+@dataclass
+class Tokens:
+    """A ranking in token ids, as the policy would produce each completion after the prompt."""
+
+    prompt: list[int]
+    completions: list[list[int]]
+    cut: int
+    """Completions cut at max_length (they keep no EOS)."""
+    cut_prompt: bool
+
+
+def tokenize(tokenizer, ranking: Ranking, max_length: int, max_prompt_length: int | None = None) -> Tokens:
+    """The templated prompt with the generation prompt (its last `max_prompt_length` tokens when
+    longer), and each completion's own tokens then EOS; a completion that does not fit in
+    `max_length` is cut and keeps no EOS. Raises BadRow if the prompt leaves no room."""
+    prompt_ids = encode_prompt(tokenizer, ranking.prompt)
+    cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+    if cut_prompt:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max_length - len(prompt_ids) - 1
+    if room < 1:
+        raise BadRow(ranking.where, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion in max_length={max_length}")
+    completions, cut = [], 0
+    for completion in ranking.completions:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if len(ids) > room:  # cut, and no EOS: the text did not end here
+            completions.append(ids[: room + 1])
+            cut += 1
+        else:
+            completions.append(ids + [tokenizer.eos_token_id])
+    return Tokens(prompt_ids, completions, cut, cut_prompt)

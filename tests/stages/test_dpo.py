@@ -30,7 +30,7 @@ TINY_DPO = {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-3, "warmup_rat
 
 
 def dpo_config(path, **settings) -> dpo.DpoConfig:
-    data = dpo.DpoData(train=str(path), eval_fraction=0.25, drop_bad_rows=settings.pop("drop_bad_rows", False))
+    data = preferences.PreferenceData(train=str(path), eval_fraction=0.25, drop_bad_rows=settings.pop("drop_bad_rows", False))
     return dpo.DpoConfig(data=data, **{**TINY_DPO, **settings})
 
 
