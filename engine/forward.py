@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from engine.packing import Packed
+from engine.packing import Packed, mask_argument
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -52,6 +52,40 @@ def reward_scores(reward_model: nn.Module, packed: Packed, keep_layer: int | Non
     if keep_layer is None:
         return scores
     return scores, packed.to_grid(out.hidden_states[keep_layer])
+
+
+def packed_scores(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A sequence-classification model's score of each sequence in a packed batch
+    (`input_ids`, `position_ids`, an optional bool `attention_mask`, and `last`: each
+    sequence's last token in the flattened rows), with gradients: (batch,). The model's
+    own forward runs, so DDP, FSDP and DeepSpeed see every call (the RM stage trains
+    this way); as the model returns only each row's last score, the head's output at
+    every position is taken on its way out."""
+    kept, inner = [], unwrapped(model)
+    hook = score_head(inner).register_forward_hook(lambda module, args, output: kept.append(output))
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = mask_argument(inner, batch["attention_mask"])
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    return kept[-1].flatten(0, 1)[batch["last"]].squeeze(-1)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model under DDP's or DeepSpeed's wrapper (FSDP2 shards in place), and under peft."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model (under peft, its trainable copy's wrapper)."""
+    model = unwrapped(model)
+    if not hasattr(model, "score"):
+        raise TypeError(f"{type(model).__name__} has no `score` head: a reward model here is a decoder's sequence-classification model")
+    return model.score
 
 
 @contextmanager

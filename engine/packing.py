@@ -117,12 +117,17 @@ class Packed:
         prefix, the mask in the form its attention kernel takes."""
         kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         if self.attention_mask is not None:
-            if attention_kind(model) == "eager":  # eager attention adds the mask to its scores
-                dtype = next(model.parameters()).dtype
-                kwargs["attention_mask"] = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device).masked_fill(~self.attention_mask, torch.finfo(dtype).min)
-            else:
-                kwargs["attention_mask"] = self.attention_mask
+            kwargs["attention_mask"] = mask_argument(model, self.attention_mask)
         return kwargs
+
+
+def mask_argument(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A packed (rows, 1, row_len, row_len) bool mask in the form `model`'s attention takes:
+    as it is for SDPA, additive for eager attention (which adds the mask to its scores)."""
+    if attention_kind(model) != "eager":
+        return attention_mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(~attention_mask, torch.finfo(dtype).min)
 
 
 def pack(queries, query_mask, responses, response_mask, layout: Layout = Layout()) -> Packed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from trl import RewardTrainer
 
+from engine.forward import packed_scores
 from stages import rm_ranking as ranking
 
 
@@ -15,14 +16,13 @@ class RankingRewardTrainer(RewardTrainer):
         return dataset  # stages.rm.encode has tokenised and cut every row already
 
     def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["input_ids", "better", "worse", "margins"]
+        self._signature_columns = ["input_ids", "prompt_length", "better", "worse", "margins"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        better, worse, group, margins = (inputs.pop(k) for k in ("better", "worse", "group", "margins"))
-        outputs = model(**inputs, use_cache=False)
-        rewards = outputs.logits.squeeze(-1)
+        rewards = packed_scores(model, inputs)
+        better, worse, group, margins = (inputs[k] for k in ("better", "worse", "group", "margins"))
         loss = ranking.ranking_loss(rewards, better, worse, group, margins, self.args.center_rewards_coefficient or 0.0)
         mode = "train" if model.training else "eval"
         for key, value in ranking.pairwise_stats(rewards, better, worse).items():
             self._metrics[mode][key].append(value)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"rewards": rewards}) if return_outputs else loss

@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from engine.forward import packed_scores
+from engine.packing import Layout
 from pipeline import cli
 from stages import rm
 from stages.shared import preferences
@@ -43,10 +45,19 @@ def test_a_planted_preference_is_learned_to_near_perfect_held_out_accuracy(tiny_
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
     ranking = preferences.parse("x", {"prompt": "What is 4 + 4?", "completions": ["Sure! 4 + 4 = 8. Cheers!", "Sure! 4 + 4 = 8."]})
-    batch = rm.RankingCollator(tokenizer.pad_token_id)([rm.encode(tokenizer, ranking, 96, 0.0)])
     with torch.no_grad():
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        rewards = padded_rewards(model, tokenizer, rm.encode(tokenizer, ranking, 96, 0.0)["input_ids"])
     assert rewards[0] > rewards[1]
+    assert metrics["layout"] == {"row_tokens": 1024, "share_prefix": True}
+    assert json.loads((folder / "manifest.json").read_text())["fallbacks"] == [], "the tiny Llama packs with a shared prompt"
+
+
+def padded_rewards(model, tokenizer, sequences):
+    """The plain way to score: right-padded sequences, the model's pooled output at the last non-pad token."""
+    from engine.packing import pad_sequences
+
+    ids, mask = pad_sequences(sequences, tokenizer.pad_token_id, "right")
+    return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 
 
 def test_completions_end_with_eos_and_the_reward_is_read_there(tiny_model_dir, tmp_path):
@@ -61,16 +72,16 @@ def test_completions_end_with_eos_and_the_reward_is_read_there(tiny_model_dir, t
     for ids, text in zip(example["input_ids"], ranking.completions, strict=True):
         assert ids[: len(prompt)] == prompt and ids[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(ids[len(prompt) : -1]) == text
-    batch = rm.RankingCollator(tokenizer.pad_token_id)([example])
-    assert (batch["input_ids"][1, len(example["input_ids"][1]) :] == tokenizer.pad_token_id).all()
+    assert example["prompt_length"] == len(prompt)
 
     model = rm.load_reward_model(prepared, tokenizer, seed=0).eval()
     with torch.no_grad():
-        pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        per_token = model.score(hidden).squeeze(-1)
-    ends = torch.tensor([len(ids) - 1 for ids in example["input_ids"]])
-    assert torch.allclose(pooled, per_token[torch.arange(2), ends], atol=1e-6), "the reward is the score at EOS"
+        pooled = padded_rewards(model, tokenizer, example["input_ids"])
+        per_token = [model.score(model.model(input_ids=torch.tensor([ids])).last_hidden_state)[0, :, 0] for ids in example["input_ids"]]
+        packed = packed_scores(model, rm.RankingCollator(tokenizer, Layout())([example]))
+    ends = torch.stack([scores[-1] for scores in per_token])
+    assert torch.allclose(pooled, ends, atol=1e-6), "the reward is the score at EOS"
+    assert torch.allclose(packed, ends, atol=1e-5), "packed, the reward is read at each completion's own EOS"
 
     cut = rm.encode(tokenizer, ranking, len(prompt) + 4, 0.0)
     assert len(cut["input_ids"][0]) == len(prompt) + 4 and cut["input_ids"][0][-1] != tokenizer.eos_token_id, "a cut completion did not end"
@@ -137,3 +148,52 @@ def test_killed_reward_model_training_resumes_to_the_same_weights(tiny_model_dir
     expected, actual = weights(tmp_path / "runs" / "straight" / "rm"), weights(run / "rm")
     for name in expected:
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
+
+
+PACKING_RANKINGS = [
+    {"prompt": "What is 4 + 4?", "completions": ["Sure! 4 + 4 = 8. Cheers!", "8", "It is 9, I think."]},
+    {"prompt": "What is 4 + 4?", "completions": ["Eight.", "Sure! Eight."]},  # the same prompt again, in the next ranking
+    {"prompt": "Name a colour that is not red, and say why you like it in a few words.", "completions": ["Blue, calm.", "Green!", "Red.", "None."]},
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "attention", "layout"),
+    [
+        ("llama", "sdpa", Layout()),
+        ("llama", "eager", Layout()),
+        ("llama", "sdpa", Layout(share_prefix=False)),
+        ("llama", "sdpa", Layout(row_tokens=0, share_prefix=False)),
+        ("llama", "sdpa", Layout(row_tokens=40)),  # rows too short for a whole batch: a ranking's prompt is laid out again
+        ("gpt2", "sdpa", Layout()),
+    ],
+    ids=["shared", "eager", "no-prefix", "row-each", "short-rows", "gpt2"],
+)
+def test_packed_rankings_give_the_padded_rewards_loss_and_gradients(tiny_model_dir, tiny_gpt2_dir, tmp_path, arch, attention, layout):
+    from stages import base
+    from stages import rm_ranking as ranking
+
+    prepared = tmp_path / "prepared"
+    base.run(base.BaseConfig(model=str(tiny_model_dir if arch == "llama" else tiny_gpt2_dir)), {}, prepared, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(prepared)
+    examples = [rm.encode(tokenizer, preferences.parse(f"row {i}", row), 96, 0.0) for i, row in enumerate(PACKING_RANKINGS)]
+    model = AutoModelForSequenceClassification.from_pretrained(prepared, num_labels=1, attn_implementation=attention)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    batch = rm.RankingCollator(tokenizer, layout)([dict(e) for e in examples])
+    pairs = [batch[k] for k in ("better", "worse", "group", "margins")]
+
+    def loss_and_grads(rewards):
+        loss = ranking.ranking_loss(rewards, *pairs)
+        model.zero_grad()
+        loss.backward()
+        return rewards.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = loss_and_grads(padded_rewards(model, tokenizer, [ids for e in examples for ids in e["input_ids"]]))
+    packed = loss_and_grads(packed_scores(model, batch))
+    real = sum(len(ids) for e in examples for ids in e["input_ids"])
+    if layout == Layout():
+        assert batch["input_ids"].numel() < real, "each ranking's prompt is laid out once per row"
+    assert torch.allclose(packed[0], padded[0], atol=1e-5), (packed[0], padded[0])
+    assert torch.allclose(packed[1], padded[1], atol=1e-6)
+    for name, grad in padded[2].items():
+        assert torch.allclose(packed[2][name], grad, atol=1e-5, rtol=1e-4), f"{name}: packed gradient differs"
