@@ -59,7 +59,7 @@ def policy_figures(eval_metrics: dict, policy: str, eval_manifest: dict | None =
         wins = {"rm": eval_metrics.get("win_rate_rm"), "gold": eval_metrics.get("win_rate_gold")}
     criteria = eval_metrics.get("criteria") or {}
     beside = policy != "sft"  # SFT is the reference column, except on SFT's own card
-    figures = {"policy": policy, "prompts": eval_metrics.get("prompts"), "judge": eval_metrics.get("judge"), "scores": dict(policies[policy])}
+    figures = {"policy": policy, "prompts": eval_metrics.get("prompts"), "answers_per_prompt": eval_metrics.get("samples_per_prompt", 1), "judge": eval_metrics.get("judge"), "scores": dict(policies[policy])}
     figures |= {"sft": policies.get("sft") if beside else None, "win_rate_rm": (wins or {}).get("rm"), "win_rate_gold": (wins or {}).get("gold")}
     figures |= {"criteria": criteria.get(policy), "sft_criteria": criteria.get("sft") if beside else None}
     figures["fallbacks"] = list(eval_metrics.get("fallbacks") or [])
@@ -193,7 +193,8 @@ def _evaluation(manifest: dict, figures: dict | None) -> list[str]:
     sft = figures.get("sft")
     judge = f", gold score by `{figures['judge']}`" if figures.get("judge") else ""
     build = f" (eval build `{figures['eval_build_id']}`)" if figures.get("eval_build_id") else ""
-    out = [f"From the eval stage{build}: {figures.get('prompts', '?')} held-out prompts, one sampled answer each{judge}.", ""]
+    each = "one sampled answer" if figures.get("answers_per_prompt", 1) == 1 else f"{figures['answers_per_prompt']} sampled answers"
+    out = [f"From the eval stage{build}: {figures.get('prompts', '?')} held-out prompts, {each} each{judge}.", ""]
     out += ["| figure | this policy | sft |" if sft else "| figure | this policy |", "|---|---|---|" if sft else "|---|---|"]
 
     def row(label, value, ref, form):

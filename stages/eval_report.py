@@ -89,10 +89,14 @@ def table(metrics: dict) -> list[str]:
     return rows
 
 
+def _answers(n: int) -> str:
+    return "one response each" if n == 1 else f"{n} responses each (win rates pair a policy's i-th answer with SFT's)"
+
+
 def render(metrics: dict, examples: list[dict], stages: dict[str, dict], plots: list[str], cfg) -> str:
     lines = ["# Evaluation report", ""]
     lines += [
-        f"{metrics['prompts']} held-out prompts (`{cfg.prompts}`), one response each per policy, sampled with "
+        f"{metrics['prompts']} held-out prompts (`{cfg.prompts}`), {_answers(metrics.get('samples_per_prompt', 1))} per policy, sampled with "
         f"temperature {cfg.temperature}, top-k {cfg.top_k or 'off'}, top-p {cfg.top_p}, at most {cfg.max_new_tokens} new tokens, "
         f"the same random stream for every policy. RM scores are normalised with the reward model's held-out mean and std, "
         f"as PPO saw them. KL from SFT is the sum over response tokens of log pi(y) - log pi_sft(y), on each policy's own samples. "

@@ -15,7 +15,7 @@ from demo import prompts as demo_prompts
 from demo.judge import gold_parts, gold_score
 from pipeline import checkpoint as ckpt
 from pipeline import cli, generate
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, SettingError
 from stages import evaluation
 from stages.shared.judge import load_judge
 from tests.conftest import ROOT, TINY_RM, tiny_config, write_jsonl
@@ -221,3 +221,23 @@ def test_eval_without_a_judge_reports_what_it_can(tiny_run, tmp_path):
     assert all(m["gold_score"] is None and m["rm_score"] is not None for m in metrics["policies"].values())
     report = (run / "eval" / "report.md").read_text()
     assert "No gold judge is configured." in report and "by gold judge" not in report
+
+
+def test_several_answers_per_prompt_are_sampled_scored_and_paired_with_sfts(tiny_run, tmp_path):
+    path, shared = tiny_run
+    run = tmp_path / "runs" / shared.name
+    shutil.copytree(shared, run)
+    assert cli.main(["run", "eval", "--config", str(path), "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "eval.samples_per_prompt=3"]) == 0
+    metrics = json.loads((run / "eval" / "report.json").read_text())["metrics"]
+    samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    held = [json.loads(line)["prompt"] for line in (shared.parent.parent / "eval.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [p for p in held for _ in range(3)], "each prompt's three answers side by side"
+    assert metrics["prompts"] == 6 and metrics["samples_per_prompt"] == 3
+    assert any(len({s["sft"]["response"] for s in samples[i : i + 3]}) > 1 for i in range(0, 18, 3)), "answers are sampled, not copied"
+    wins = [1.0 if s["rlhf"]["gold"] > s["sft"]["gold"] else 0.5 if s["rlhf"]["gold"] == s["sft"]["gold"] else 0.0 for s in samples]
+    assert metrics["win_rate_gold"] == pytest.approx(sum(wins) / 18)
+    assert metrics["policies"]["sft"]["gold_score"] == pytest.approx(sum(s["sft"]["gold"] for s in samples) / 18)
+    assert "6 held-out prompts" in (run / "eval" / "report.md").read_text() and "3 responses each" in (run / "eval" / "report.md").read_text()
+    assert "3 sampled answers each" in (run / "rlhf" / "README.md").read_text()
+    with pytest.raises(SettingError, match="must be at least 1"):
+        evaluation.EvalConfig(samples_per_prompt=0)
