@@ -46,6 +46,9 @@ class RmConfig(TrainerSettings):
     """Adds coef * mean(reward^2) to the loss to keep rewards near 0 (0.01 is common; 0 is off)."""
     eval_batch_size: int = setting(8, fingerprint=False)
     """Prompts per forward pass when evaluating."""
+    eval_steps: int | None = setting(None, fingerprint=False)
+    """Held-out accuracy every N steps too, for the learning curve (the manifest's `curve`,
+    with the rankings seen); null: before and after training only."""
     criteria: str | None = setting(None, fingerprint=False)
     """A `module:function(prompt, completion) -> dict | None` naming what a rater checks (the demo's
     is demo.judge:gold_parts): held-out accuracy is also reported by the one criterion a pair's
@@ -53,6 +56,8 @@ class RmConfig(TrainerSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise SettingError("eval_steps", f"must be at least 1 or null, got {self.eval_steps}")
         if self.eval_batch_size < 1:
             raise SettingError("eval_batch_size", f"must be at least 1, got {self.eval_batch_size}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -199,8 +204,13 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
     collate = RankingCollator(tokenizer, probes.layout_for(model, note=fallbacks))
     trainer = build_trainer(cfg, model, collate, train, out_dir, seed)
     eval_before = training.before_training(out_dir, lambda: evaluate(trainer.model, held, cfg.eval_batch_size, collate), trainer.is_world_process_zero())
+    if cfg.eval_steps:
+        trainer.add_callback(training.HeldOutCurve(lambda model: evaluate(model, held, cfg.eval_batch_size, collate)["accuracy"], cfg.eval_steps, "heldout_accuracy"))
     steps_this_attempt = training.train(trainer, "rm", out_dir)
     eval_after = evaluate(trainer.model, held, cfg.eval_batch_size, collate)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.accelerator.num_processes
+    points = [{"step": 0, "heldout_accuracy": eval_before["accuracy"]}] + training.curve(trainer.state.log_history, "heldout_accuracy")
+    points.append({"step": trainer.state.global_step, "heldout_accuracy": eval_after["accuracy"]})
     print(f"[rm] held-out accuracy {eval_before['accuracy']:.3f} -> {eval_after['accuracy']:.3f} ({eval_after['pairs']} pairs)", flush=True)
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -221,6 +231,7 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "eval_before": eval_before,
         "eval_after": eval_after,
+        "curve": [{**point, "rankings_seen": point["step"] * per_step} for point in points],
         # the RLHF stage normalises scores with these: held-out completions score ~N(0, 1)
         "reward_mean": eval_after["reward_mean"],
         "reward_std": eval_after["reward_std"],

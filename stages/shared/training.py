@@ -84,6 +84,25 @@ class CountSteps(TrainerCallback):
         return control
 
 
+class HeldOutCurve(TrainerCallback):
+    """Every `every` optimiser steps, a held-out measurement (`measure(model)`, run on every
+    process) goes into the log history under `key`, with the step: the learning curve. The
+    history is checkpointed, so a resumed run keeps the points before the kill."""
+
+    def __init__(self, measure: Callable, every: int, key: str):
+        self.measure, self.every, self.key = measure, every, key
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            state.log_history.append({"step": state.global_step, self.key: self.measure(model)})
+        return control
+
+
+def curve(history: list[dict], key: str) -> list[dict]:
+    """The points a HeldOutCurve logged: [{"step", key}], in step order."""
+    return [{"step": row["step"], key: row[key]} for row in history if key in row]
+
+
 def train(trainer, name: str, out_dir: Path) -> int:
     """Train, resuming from the newest complete checkpoint in `out_dir`; returns the
     optimiser steps this attempt took."""

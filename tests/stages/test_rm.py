@@ -130,7 +130,7 @@ def test_lora_reward_model_is_a_merged_folder_with_its_adapter(tiny_model_dir, s
 
 def test_killed_reward_model_training_resumes_to_the_same_weights(tiny_model_dir, sft_rows, tmp_path):
     rows = planted_rankings(sft_rows, 120)
-    settings = {"max_steps": 150, "save_steps": 10, "batch_size": 4, "learning_rate": 1e-3}
+    settings = {"max_steps": 150, "save_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "eval_steps": 20}
     straight = rm_config(tmp_path, tiny_model_dir, sft_rows, rows, name="straight", **settings)
     assert cli.main(["run", "rm", "--config", str(straight)]) == 0
 
@@ -148,6 +148,17 @@ def test_killed_reward_model_training_resumes_to_the_same_weights(tiny_model_dir
     expected, actual = weights(tmp_path / "runs" / "straight" / "rm"), weights(run / "rm")
     for name in expected:
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-6), f"{name} differs after resuming"
+    # The learning curve: held-out accuracy every 20 steps, the points before the kill kept through the resume.
+    straight_curve = json.loads((tmp_path / "runs" / "straight" / "rm" / "manifest.json").read_text())["metrics"]["curve"]
+    assert [p["step"] for p in straight_curve] == [0, 20, 40, 60, 80, 100, 120, 140, 150]
+    assert [p["rankings_seen"] for p in straight_curve] == [4 * p["step"] for p in straight_curve]
+    straight_metrics = json.loads((tmp_path / "runs" / "straight" / "rm" / "manifest.json").read_text())["metrics"]
+    assert straight_curve[0]["heldout_accuracy"] == straight_metrics["eval_before"]["accuracy"]
+    assert straight_curve[-1]["heldout_accuracy"] == straight_metrics["eval_after"]["accuracy"]
+    resumed_curve = manifest["metrics"]["curve"]
+    assert [p["step"] for p in resumed_curve] == [p["step"] for p in straight_curve]
+    for a, b in zip(resumed_curve, straight_curve, strict=True):
+        assert a["heldout_accuracy"] == pytest.approx(b["heldout_accuracy"], abs=0.02), (resumed_curve, straight_curve)
 
 
 PACKING_RANKINGS = [
