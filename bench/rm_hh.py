@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_accuracy_before": round(metrics["eval_before"]["accuracy"], 4),
         "held_out_accuracy_after": round(metrics["eval_after"]["accuracy"], 4),
         "train_seconds": summary.get("train_runtime"),
+        "curve_eval_seconds_inside_training": round(sum(p.get("measure_seconds", 0) for p in metrics.get("curve", [])), 1),
+        "curve": metrics.get("curve"),
         "stage_seconds": manifest["timings"]["seconds"],
         "wall_seconds": round(time.time() - start, 1),
     }, indent=2))

@@ -9,6 +9,7 @@ copy on the main process, which `save_model` writes as a plain folder."""
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -94,13 +95,16 @@ class HeldOutCurve(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            state.log_history.append({"step": state.global_step, self.key: self.measure(model)})
+            start = time.perf_counter()
+            value = self.measure(model)
+            state.log_history.append({"step": state.global_step, self.key: value, "measure_seconds": round(time.perf_counter() - start, 1)})
         return control
 
 
 def curve(history: list[dict], key: str) -> list[dict]:
-    """The points a HeldOutCurve logged: [{"step", key}], in step order."""
-    return [{"step": row["step"], key: row[key]} for row in history if key in row]
+    """The points a HeldOutCurve logged: [{"step", key, "measure_seconds"}] (the time the
+    measurement took inside the training loop), in step order."""
+    return [{"step": row["step"], key: row[key], "measure_seconds": row["measure_seconds"]} for row in history if key in row]
 
 
 def train(trainer, name: str, out_dir: Path) -> int:
