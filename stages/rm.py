@@ -237,7 +237,7 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
         "reward_std": eval_after["reward_std"],
         "trainable_parameters": trainable,
         "layout": {"row_tokens": collate.layout.row_tokens, "share_prefix": collate.layout.share_prefix},
-        "fallbacks": fallbacks.taken,
+        "fallbacks": fallbacks.taken + training.dropped_sharding(trainer, "rm"),
     }
 
 

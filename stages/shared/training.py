@@ -9,6 +9,7 @@ copy on the main process, which `save_model` writes as a plain folder."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -99,6 +100,23 @@ class HeldOutCurve(TrainerCallback):
             value = self.measure(model)
             state.log_history.append({"step": state.global_step, self.key: value, "measure_seconds": round(time.perf_counter() - start, 1)})
         return control
+
+
+SHARDING_ASKED = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def dropped_sharding(trainer, name: str) -> list[str]:
+    """The fallback, when a launch asked for FSDP or DeepSpeed (accelerate's environment
+    variables) and the Trainer runs without it. On CPU processes accelerate 1.15 keeps plain
+    DDP for an FSDP launch and says nothing: every process then holds the whole model. Logged
+    once, by the main process; returned for the manifest's `fallbacks`."""
+    running = trainer.accelerator.distributed_type.value
+    asked = [kind for kind, variable in SHARDING_ASKED.items() if os.environ.get(variable, "false").lower() in ("1", "true") and running != kind]
+    notes = [f"the launch asked for {kind} but accelerate runs {running} (on CPU processes it drops FSDP): each process holds the whole model" for kind in asked]
+    if trainer.is_world_process_zero():
+        for note in notes:
+            print(f"[{name}] fallback: {note}", flush=True)
+    return notes
 
 
 def curve(history: list[dict], key: str) -> list[dict]:

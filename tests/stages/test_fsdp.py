@@ -19,6 +19,7 @@ whole step (~lr, 1e-3 to 3e-3) and fails them."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,10 +57,10 @@ def config(folder: Path, model_dir: Path, data: dict[str, Path], processes: int,
     return tiny_config(folder, model_dir, data["sft"], sft={**SFT, **per_process}, rm=preferences, dpo=preferences)
 
 
-def launch(accelerate_config: str, stage: str, config_path: Path, **env: str) -> subprocess.CompletedProcess:
+def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
-    module = "pipeline" if accelerate_config == "ddp" else "tests.stages.fsdp_on_cpu"
+    module = "pipeline" if accelerate_config == "ddp" or not shim else "tests.stages.fsdp_on_cpu"
     return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
@@ -116,6 +117,7 @@ def fsdp2_full(tiny_model_dir, data, tmp_path_factory):
         result = launch("fsdp2", stage, path)
         ran(result)
         assert result.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
+        assert "fallback" not in result.stdout, result.stdout
     return path, run_dir(path)
 
 
@@ -162,3 +164,12 @@ def test_fsdp2_sft_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupte
     _, straight = fsdp2_full
     got, want = load_file(run_dir(path) / "sft" / "model.safetensors"), load_file(straight / "sft" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, tmp_path):
+    path = config(tmp_path, tiny_model_dir, data, processes=2)
+    result = launch("fsdp2", "sft", path, shim=False)
+    ran(result)
+    note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
+    assert result.stdout.count(f"[sft] fallback: {note}") == 1, result.stdout[-3000:]
+    assert json.loads((run_dir(path) / "sft" / "manifest.json").read_text())["fallbacks"] == [note]
