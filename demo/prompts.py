@@ -36,7 +36,9 @@ def _sft_prompts() -> tuple[tuple[str, str], ...]:
 
 
 def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS) -> dict[str, list[dict]]:
-    """Disjoint prompt sets, {name: rows {"prompt", "task"}} for each name in `sizes`."""
+    """Disjoint prompt sets, {name: rows {"prompt", "task", "response"}} for each name in
+    `sizes`; "response" is a correct answer written as the SFT demonstrations are (the
+    rankings can show it to the rater beside the samples; the files keep prompt and task)."""
     sft = _sft_prompts()
     # A family leaves the rotation once the prompts demo_sft does not use run out.
     used = Counter(task for task, _ in sft)
@@ -50,7 +52,7 @@ def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS) -> d
     rng.shuffle(drawn)  # any prefix is a mix of families
     out, start = {}, 0
     for name, size in sizes.items():
-        out[name] = [{"prompt": prompt, "task": task} for task, prompt, _ in drawn[start : start + size]]
+        out[name] = [{"prompt": prompt, "task": task, "response": response} for task, prompt, response in drawn[start : start + size]]
         start += size
     return out
 

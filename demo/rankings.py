@@ -3,6 +3,12 @@ per rank prompt (`demo.prompts`) from the SFT model, then have a rater rank them
 rater is the gold judge (`demo.judge`) with Gaussian noise, so the reward model learns
 from rankings, as it would from people, never from the judge's scores.
 
+With --written, the rater also sees one answer per prompt written as the SFT demonstrations
+are (correct, in the demonstrations' styles, a closing line at their rate): as datasets like
+UltraFeedback rank a stronger model's answer beside the weaker ones', so that most rankings
+contrast a right answer with the samples' wrong ones (SFT samples are right about one time
+in five).
+
 The shipped configs/data/demo_rm.jsonl was made once from the default run's SFT model:
 
     make sft && python -m demo.rankings --policy runs/default/sft
@@ -20,9 +26,10 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from demo import prompts, sft_data
-from demo.judge import gold_score
+from demo.judge import CLOSERS, gold_score
 
 DEFAULT_OUT = "configs/data/demo_rm.jsonl"
 KEYS = ("prompt", "completions", "task")
@@ -49,31 +56,44 @@ def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float]
     return ([t for _, _, t in picked] if len(picked) >= 2 else []), {"pairs": pairs, "flipped": flips}
 
 
-def make_rankings(
-    policy: str, k: int, noise: float, max_new_tokens: int, temperature: float, batch_size: int, seed: int, limit: int | None = None
-) -> tuple[list[dict], dict]:
+@dataclass(frozen=True)
+class Settings:
+    k: int = 4
+    noise: float = 0.25
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    batch_size: int = 16
+    seed: int = prompts.DEFAULT_SEED
+    limit: int | None = None
+    written: bool = False
+
+
+def make_rankings(policy: str, settings: Settings) -> tuple[list[dict], dict]:
     """Rows {"prompt", "completions" (best first), "task"} for the rank prompts, and counts."""
     import torch
     from tqdm.auto import tqdm
 
     from engine import sampling
 
-    rows_in = prompts.split_prompts(seed)["rank"][:limit]
-    torch.manual_seed(seed)
+    s = settings
+    rows_in = prompts.split_prompts(s.seed)["rank"][: s.limit]
+    torch.manual_seed(s.seed)
     model, tokenizer = sampling.load(policy)
-    settings = sampling.Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     chats = [sampling.user_prompt(r["prompt"]) for r in rows_in]
     with tqdm(total=len(chats), desc="sampling", unit="prompt") as bar:
-        samples = sampling.generate(model, tokenizer, chats, settings, batch_size, num_return_sequences=k, progress=bar)
+        samples = sampling.generate(model, tokenizer, chats, sampling.Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature), s.batch_size, num_return_sequences=s.k, progress=bar)
     # The seed string keeps the module's old name, as the shipped rankings were made with it.
-    rng = random.Random(f"demo_rankings/{seed}")
+    rng = random.Random(f"demo_rankings/{s.seed}")
     rows, counts = [], Counter()
     for row, responses in zip(rows_in, samples, strict=True):
         # A completion cut off at max_new_tokens is not one a rater would be shown.
         finished = [r.text for r in responses if r.ended]
         counts["samples"] += len(responses)
         counts["unfinished"] += len(responses) - len(finished)
-        completions, stats = rank(row["prompt"], finished, gold_score, noise, rng)
+        if s.written:
+            finished.append(written_answer(row["response"], rng))
+            counts["written"] += 1
+        completions, stats = rank(row["prompt"], finished, gold_score, s.noise, rng)
         if not completions:
             counts["prompts_without_a_preference"] += 1
             continue
@@ -82,6 +102,11 @@ def make_rankings(
         counts[f"k{len(completions)}"] += 1
         rows.append({"prompt": row["prompt"], "completions": completions, "task": row["task"]})
     return rows, dict(counts)
+
+
+def written_answer(response: str, rng: random.Random) -> str:
+    """A demonstration-style answer: the drawn response, with a closing line at the SFT set's rate."""
+    return f"{response} {rng.choice(CLOSERS)}" if rng.random() < sft_data.CLOSER_RATE else response
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,11 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rank prompts")
     parser.add_argument("--seed", type=int, default=prompts.DEFAULT_SEED)
+    parser.add_argument("--written", action="store_true", help="also rank one demonstration-style answer per prompt")
     args = parser.parse_args(argv)
     if args.k < 2:
         parser.error("--k must be at least 2")
     start = time.time()
-    rows, counts = make_rankings(args.policy, args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit)
+    settings = Settings(args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit, args.written)
+    rows, counts = make_rankings(args.policy, settings)
     sft_data.write_jsonl(rows, args.out, KEYS)
     print(f"wrote {len(rows)} rankings to {args.out} in {time.time() - start:.0f}s: {counts}")
 

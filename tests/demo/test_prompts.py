@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from demo import prompts, sft_data
+from demo.judge import gold_parts
 from demo.tasks import FAMILIES
 from tests.demo import ROOT, read_jsonl
 
@@ -39,8 +40,9 @@ def test_sets_are_disjoint_from_each_other_and_from_sft(sets):
 def test_rows_name_the_family_that_made_them(sets):
     for rows in sets.values():
         for r in rows:
-            assert list(r) == ["prompt", "task"]
+            assert list(r) == ["prompt", "task", "response"]
             assert FAMILIES[r["task"]].match(r["prompt"]) is not None, r
+            assert gold_parts(r["prompt"], r["response"])["correct"], "the written answer is right"
 
 
 def test_seed_is_deterministic_and_matters():

@@ -166,9 +166,21 @@ def test_main_samples_ranks_and_writes(monkeypatch, tmp_path, capsys, sets):
 
 def test_make_rankings_counts(monkeypatch):
     _fake_ml_stack(monkeypatch)
-    rows, counts = rankings.make_rankings("p", k=4, noise=0.0, max_new_tokens=8, temperature=1.0, batch_size=2, seed=0, limit=6)
+    rows, counts = rankings.make_rankings("p", rankings.Settings(k=4, noise=0.0, max_new_tokens=8, batch_size=2, limit=6))
     assert len(rows) == 5
     assert counts == {"samples": 24, "unfinished": 5, "prompts_without_a_preference": 1, "pairs": 15, "flipped_pairs": 0, "k3": 5}
+
+
+def test_a_written_answer_joins_every_prompts_samples(monkeypatch, sets):
+    _fake_ml_stack(monkeypatch)
+    rows, counts = rankings.make_rankings("p", rankings.Settings(k=4, noise=0.0, batch_size=2, limit=6, written=True))
+    assert counts["written"] == 6 and "prompts_without_a_preference" not in counts
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in sets["rank"][:6]], "the first prompt's equal samples now face a right answer"
+    assert rows[0]["completions"][0].startswith(sets["rank"][0]["response"]) and rows[0]["completions"][1] == "Nope."
+    for row in rows:
+        golds = [gold_score(row["prompt"], c) for c in row["completions"]]
+        assert golds == sorted(golds, reverse=True) and len(set(golds)) == len(golds)
+    assert sum(any(c.startswith(d["response"]) for c in r["completions"]) for r, d in zip(rows, sets["rank"], strict=False)) >= 3
 
 
 def test_main_refuses_k_below_two():
@@ -190,7 +202,7 @@ def test_demo_imports_only_the_standard_library():
 
 def test_make_rankings_samples_through_the_engine_on_a_real_model(policy_dir):
     # No stand-ins: the tiny model samples K answers per prompt through engine.sampling.
-    rows, counts = rankings.make_rankings(str(policy_dir), k=3, noise=0.0, max_new_tokens=6, temperature=1.0, batch_size=4, seed=0, limit=6)
+    rows, counts = rankings.make_rankings(str(policy_dir), rankings.Settings(k=3, noise=0.0, max_new_tokens=6, batch_size=4, limit=6))
     assert counts["samples"] == 6 * 3
     assert counts["samples"] - counts["unfinished"] >= sum(len(r["completions"]) for r in rows)
     for row in rows:
