@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+SHARDING_ASKED = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
 
 
 def mixed_precision(choice: str) -> str:
@@ -17,3 +21,13 @@ def cpu_only() -> bool:
     """No accelerator here: tell the Trainer (or accelerate), or several CPU processes
     (torchrun with gloo) each train alone instead of together."""
     return not torch.accelerator.is_available()
+
+
+def dropped_sharding(accelerator) -> list[str]:
+    """The fallback, when a launch asked for FSDP or DeepSpeed (accelerate's environment
+    variables) and `accelerator` runs without it: on CPU processes accelerate 1.15 keeps
+    plain DDP for an FSDP launch and says nothing, and every process then holds the whole
+    model. One line per sharding asked for and dropped."""
+    running = accelerator.distributed_type.value
+    asked = [kind for kind, variable in SHARDING_ASKED.items() if os.environ.get(variable, "false").lower() in ("1", "true") and running != kind]
+    return [f"the launch asked for {kind} but accelerate runs {running} (on CPU processes it drops FSDP): each process holds the whole model" for kind in asked]

@@ -23,6 +23,7 @@ from engine.probes import layout_for
 from engine.ptx import PtxStream, ptx_examples
 from engine.rewards import Sources, attach_models, episode_texts
 from engine.rollout import RolloutSettings, make_rollout
+from engine.sharding import plain_copy, whole
 from engine.update import Learner, Objective, one_pass, policy_forward, ppo_update
 from pipeline import checkpoint as ckpt
 from pipeline.errors import TrainingDiverged
@@ -79,7 +80,7 @@ def train(cfg, job: Job) -> dict:
         chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size // k * world, accelerator.process_index, cfg.batch_size // k, job.seed)
         chosen = [i for i in chosen for _ in range(k)]
         queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], job.tokenizer.pad_token_id, "left", accelerator.device)
-        with accelerator.autocast():  # generation calls the inner model, which prepare() did not wrap
+        with accelerator.autocast(), whole(accelerator, run.models.trained):  # generation calls the inner model, which prepare() did not wrap
             batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, run.fallbacks)
         first_forward = None
         if not run.sampling.policy_pass:
@@ -141,11 +142,15 @@ def setup(cfg, job: Job) -> Run:
         project_dir=str(job.out_dir),
     )
     note = Fallbacks("rlhf", accelerator.print)
-    set_seed(job.seed, device_specific=True)  # each process samples its own responses
-    primary = job.sources.models[0] if job.sources.models else None
-    models = load_models(cfg, job.policy_dir, primary.model_dir if primary else None, primary.stats[1] if primary and primary.stats else 1.0, note)
+    for dropped in device.dropped_sharding(accelerator):
+        note(dropped)
+    # The same seed on every process while the models are built: new weights (LoRA
+    # adapters, heads) start alike everywhere. DDP would copy the main process's over
+    # anyway; FSDP2 copies nothing and would shard a mix of different initialisations.
+    set_seed(job.seed)
+    models = _load_models(cfg, job, note)
     models.scorers = attach_models(job.sources, models.reward_model, load_reward_model)
-    set_seed(job.seed, device_specific=True)  # the rollouts do not depend on how many adapter weights the layout drew
+    set_seed(job.seed, device_specific=True)  # each process samples its own responses, whatever the layout drew
     trainable = [p for p in models.trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
     schedule = (lambda step: 1.0 - step / cfg.steps) if cfg.lr_scheduler == "linear" else (lambda step: 1.0)
@@ -156,7 +161,8 @@ def setup(cfg, job: Job) -> Run:
     for scorer in models.scorers:
         scorer.to(accelerator.device)
     models.reference.to(accelerator.device)
-    layout = layout_for(*models.forward_models(), note=note)
+    with whole(accelerator, models.trained):
+        layout = layout_for(*models.forward_models(), note=note)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
     progress = Progress()
     accelerator.register_for_checkpointing(kl_ctl, progress)
@@ -185,6 +191,11 @@ def setup(cfg, job: Job) -> Run:
     return Run(accelerator, models, learner, scheduler, kl_ctl, progress, sampling, held_out, encoded, note)
 
 
+def _load_models(cfg, job: Job, note) -> Models:
+    primary = job.sources.models[0] if job.sources.models else None
+    return load_models(cfg, job.policy_dir, primary.model_dir if primary else None, primary.stats[1] if primary and primary.stats else 1.0, note)
+
+
 def objective(cfg) -> Objective:
     """The loss's choices: the settings where given, else the estimator's (rl/advantages.py)."""
     estimator = ESTIMATORS[cfg.advantage]
@@ -203,7 +214,8 @@ def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, in
         accelerator.print(f"[rlhf] stopped early at step {run.progress.step} of {cfg.steps}: {stopped}")
     eval_after = evaluate_policy(run.held_out, job.held, keep_text=cfg.num_samples)
     accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
-    save_final(accelerator, run.models.trained, job.tokenizer, job.out_dir, eval_before, eval_after)
+    final = plain_copy(accelerator, run.models.trained, lambda: _load_models(cfg, job, run.fallbacks).trained)
+    save_final(accelerator, final, job.tokenizer, job.out_dir, eval_before, eval_after)
     for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group the runner still uses
         tracker.finish()
     last = history[-1] if history else {}

@@ -14,6 +14,7 @@ from engine.models import Models
 from engine.packing import Layout, pack
 from engine.rewards import Sources, episode_texts
 from engine.sampling import sample_batch
+from engine.sharding import whole
 from pipeline import checkpoint as ckpt
 from rl.rewards import normalize_scores
 from rl.tokens import sequence_lengths
@@ -46,7 +47,7 @@ def evaluate_policy(run: HeldOut, prompts: list[list[dict]], keep_text: int = 0)
     policy = run.models.trained.policy
     policy.use()
     rows = []
-    with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine:
+    with accelerator.split_between_processes(list(enumerate(prompts)), apply_padding=True) as mine, whole(accelerator, run.models.trained):
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[start : start + cfg.eval_batch_size]
             queries, query_mask, responses, mask, ended, lengths = sample_batch(policy.model, tokenizer, [p for _, p in chunk], greedy, accelerator.device)

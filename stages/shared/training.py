@@ -9,7 +9,6 @@ copy on the main process, which `save_model` writes as a plain folder."""
 from __future__ import annotations
 
 import json
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from engine import sampling
+from engine import device, sampling
 from engine.device import cpu_only, mixed_precision
 from pipeline import checkpoint as ckpt
 from pipeline.errors import ConfigError
@@ -102,17 +101,10 @@ class HeldOutCurve(TrainerCallback):
         return control
 
 
-SHARDING_ASKED = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
-
-
 def dropped_sharding(trainer, name: str) -> list[str]:
-    """The fallback, when a launch asked for FSDP or DeepSpeed (accelerate's environment
-    variables) and the Trainer runs without it. On CPU processes accelerate 1.15 keeps plain
-    DDP for an FSDP launch and says nothing: every process then holds the whole model. Logged
-    once, by the main process; returned for the manifest's `fallbacks`."""
-    running = trainer.accelerator.distributed_type.value
-    asked = [kind for kind, variable in SHARDING_ASKED.items() if os.environ.get(variable, "false").lower() in ("1", "true") and running != kind]
-    notes = [f"the launch asked for {kind} but accelerate runs {running} (on CPU processes it drops FSDP): each process holds the whole model" for kind in asked]
+    """The Trainer's `engine.device.dropped_sharding` fallbacks, logged once by the main
+    process and returned for the manifest's `fallbacks`."""
+    notes = device.dropped_sharding(trainer.accelerator)
     if trainer.is_world_process_zero():
         for note in notes:
             print(f"[{name}] fallback: {note}", flush=True)

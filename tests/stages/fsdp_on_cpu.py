@@ -47,7 +47,9 @@ _said: list[bool] = []
 
 
 def _exit_after_checkpoint(step: int) -> None:
-    """Every process ends at once (as if killed) once checkpoint-`step` is marked complete."""
+    """Every process ends at once (as if killed) once checkpoint-`step` is marked complete,
+    in a Trainer stage or in rlhf."""
+    from engine import checkpointing
     from stages.shared import training
 
     on_save = training.MarkCompleteCheckpoints.on_save
@@ -60,6 +62,15 @@ def _exit_after_checkpoint(step: int) -> None:
         return result
 
     training.MarkCompleteCheckpoints.on_save = on_save_then_exit
+    save_checkpoint = checkpointing.save_checkpoint
+
+    def save_checkpoint_then_exit(accelerator, out_dir, at_step):
+        save_checkpoint(accelerator, out_dir, at_step)
+        if at_step == step:
+            torch.distributed.barrier()
+            os._exit(9)
+
+    checkpointing.save_checkpoint = save_checkpoint_then_exit
 
 
 def main() -> int:

@@ -1,8 +1,11 @@
-"""The Trainer stages (sft, rm, dpo) launched the way the README says, with `accelerate
-launch --config_file configs/accelerate/<name>.yaml`, on two CPU processes (gloo): under
-FSDP2 (with and without CPU offload) and DDP each ends at the weights of one process
-taking the same global batch, in the same plain from_pretrained folders, and an FSDP2 run
-killed after a sharded checkpoint resumes to the weights of an uninterrupted one.
+"""The stages launched the way the README says, with `accelerate launch --config_file
+configs/accelerate/<name>.yaml`, on two CPU processes (gloo). The Trainer stages (sft, rm,
+dpo) under FSDP2 (with and without CPU offload) and DDP each end at the weights of one
+process taking the same global batch; rlhf under FSDP2 ends at the weights of rlhf under
+DDP (each process samples its own answers, so one process is no reference), for the
+default config's layout (LoRA, the value on the reward model) and for full fine-tuning
+with a value model. All in the same plain from_pretrained folders; sft and rlhf runs
+killed after a sharded checkpoint resume to the weights of uninterrupted ones.
 
 On CPU, accelerate 1.15 silently drops FSDP (the run would be DDP), so the FSDP runs go
 through tests/stages/fsdp_on_cpu.py, which lifts that one gate and nothing else.
@@ -55,6 +58,14 @@ def config(folder: Path, model_dir: Path, data: dict[str, Path], processes: int,
     per_process = {"batch_size": 8 // processes, **(LORA if lora else {})}
     preferences = {"data": {"train": str(data["pref"]), "eval_fraction": 0.25}, **TRAINER, **per_process}
     return tiny_config(folder, model_dir, data["sft"], sft={**SFT, **per_process}, rm=preferences, dpo=preferences)
+
+
+PPO = {"steps": 4, "batch_size": 4, "minibatch_size": 2, "microbatch_size": 1, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 5,
+       "normalize_scores": False, "save_steps": 2}
+PPO_LAYOUTS = {
+    "lora-reward": {"method": "lora", "value_model": "reward", "value_layers": 1, "lora": {"r": 4, "alpha": 8}},  # the default config's
+    "full": {"method": "full"},  # the value a trainable copy of the reward model
+}
 
 
 def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -166,10 +177,68 @@ def test_fsdp2_sft_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupte
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, tmp_path):
+def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, ppo_runs, tmp_path):
     path = config(tmp_path, tiny_model_dir, data, processes=2)
-    result = launch("fsdp2", "sft", path, shim=False)
-    ran(result)
+    ppo_path = tmp_path / "ppo.yaml"
+    settings = yaml.safe_load(ppo_runs["ddp", "full"][0].read_text())
+    settings["run"]["output_dir"] = str(tmp_path / "ppo")
+    ppo_path.write_text(yaml.safe_dump(settings))
     note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
-    assert result.stdout.count(f"[sft] fallback: {note}") == 1, result.stdout[-3000:]
-    assert json.loads((run_dir(path) / "sft" / "manifest.json").read_text())["fallbacks"] == [note]
+    for stage, stage_path in (("sft", path), ("rlhf", ppo_path)):
+        result = launch("fsdp2", stage, stage_path, shim=False)
+        ran(result)
+        assert result.stdout.count(f"[{stage}] fallback: {note}") == 1, result.stdout[-3000:]
+        assert note in json.loads((run_dir(stage_path) / stage / "manifest.json").read_text())["fallbacks"]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(policy_dir, planted_rm, prompts, data, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess]]:
+    """rlhf from the same policy under DDP and FSDP2, each layout: {(config, layout): (config path, result)}, launched when first asked."""
+    runs: dict = {}
+
+    class Runs(dict):
+        def __missing__(self, key):
+            accelerate_config, layout = key
+            section = {"init_from": str(policy_dir), "reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, **PPO, **PPO_LAYOUTS[layout]}
+            path = tiny_config(tmp_path_factory.mktemp(f"ppo_{accelerate_config}"), policy_dir, data["sft"], rlhf=section)
+            self[key] = (path, launch(accelerate_config, "rlhf", path))
+            return self[key]
+
+    return Runs(runs)
+
+
+@pytest.mark.parametrize("layout", PPO_LAYOUTS)
+def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, planted_rm, layout):
+    (_, ddp), (path, fsdp2) = ppo_runs["ddp", layout], ppo_runs["fsdp2", layout]
+    ran(ddp)
+    ran(fsdp2)
+    assert fsdp2.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
+    unmerged = "sampling with the LoRA policy unmerged: the weights are sharded (same distribution, slower)"
+    assert (unmerged in fsdp2.stdout) == (layout != "full") and unmerged not in ddp.stdout
+    folder, reference = run_dir(path) / "rlhf", run_dir(ppo_runs["ddp", layout][0]) / "rlhf"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["metrics"]["episodes"] == 4 * 4 * 2
+    assert_same_weights(folder, reference, policy_dir)
+    assert_same_weights(folder / "value", reference / "value", planted_rm)
+    AutoModelForCausalLM.from_pretrained(folder)
+    AutoModelForSequenceClassification.from_pretrained(folder / "value")
+    assert not [p for p in folder.rglob("*") if p.suffix == ".distcp" or p.name.startswith("checkpoint-")]
+
+
+def test_fsdp2_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ppo_runs, tmp_path):
+    straight, result = ppo_runs["fsdp2", "lora-reward"]
+    ran(result)
+    path = tmp_path / "tiny.yaml"
+    settings = yaml.safe_load(straight.read_text())
+    settings["run"]["output_dir"] = str(tmp_path / "runs")
+    path.write_text(yaml.safe_dump(settings))
+    killed = launch("fsdp2", "rlhf", path, EXIT_AFTER_CHECKPOINT="2")
+    assert killed.returncode != 0
+    partial = run_dir(path) / ".rlhf.partial" / "checkpoint-2"
+    shards = sorted(p.name for p in (partial / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+    ran(resumed := launch("fsdp2", "rlhf", path))
+    assert "resuming the interrupted run from step 2" in resumed.stdout + resumed.stderr
+    for name in ("model.safetensors", "value/model.safetensors"):
+        got, want = load_file(run_dir(path) / "rlhf" / name), load_file(run_dir(straight) / "rlhf" / name)
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want), f"{name} differs after resuming"
