@@ -129,21 +129,11 @@ def rate_rollout(run: Run, job: Job, batch, chat_prompts: list[list[dict]]) -> N
 
 def setup(cfg, job: Job) -> Run:
     """The accelerator, the models, the optimiser and everything else fixed for the run."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import GenerationConfig
 
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    precision = device.mixed_precision(cfg.precision)
-    accelerator = Accelerator(
-        cpu=device.cpu_only(),
-        mixed_precision="no" if precision == "fp32" else precision,
-        log_with=[r for r in cfg.report_to if r != "none"] or None,
-        project_dir=str(job.out_dir),
-    )
-    note = Fallbacks("rlhf", accelerator.print)
-    for dropped in device.dropped_sharding(accelerator):
-        note(dropped)
+    accelerator, note = _accelerator(cfg, job)
     # The same seed on every process while the models are built: new weights (LoRA
     # adapters, heads) start alike everywhere. DDP would copy the main process's over
     # anyway; FSDP2 copies nothing and would shard a mix of different initialisations.
@@ -189,6 +179,24 @@ def setup(cfg, job: Job) -> Run:
     encoded = [encode_prompt(job.tokenizer, p) for p in job.prompts]
     learner = Learner(accelerator, wrapped, optimizer, cfg, layout, objective(cfg), ptx)
     return Run(accelerator, models, learner, scheduler, kl_ctl, progress, sampling, held_out, encoded, note)
+
+
+def _accelerator(cfg, job: Job):
+    """The run's accelerator, and its fallbacks (which start with a sharding the launch
+    asked for and accelerate dropped)."""
+    from accelerate import Accelerator
+
+    precision = device.mixed_precision(cfg.precision)
+    accelerator = Accelerator(
+        cpu=device.cpu_only(),
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=[r for r in cfg.report_to if r != "none"] or None,
+        project_dir=str(job.out_dir),
+    )
+    note = Fallbacks("rlhf", accelerator.print)
+    for dropped in device.dropped_sharding(accelerator):
+        note(dropped)
+    return accelerator, note
 
 
 def _load_models(cfg, job: Job, note) -> Models:
