@@ -3,8 +3,8 @@ configs/accelerate/<name>.yaml`, on two CPU processes (gloo). The Trainer stages
 dpo) under FSDP2 (with and without CPU offload) and DDP each end at the weights of one
 process taking the same global batch; rlhf under FSDP2 ends at the weights of rlhf under
 DDP (each process samples its own answers, so one process is no reference), for the
-default config's layout (LoRA, the value on the reward model) and for full fine-tuning
-with a value model. All in the same plain from_pretrained folders; sft and rlhf runs
+default config's layout (LoRA, the value on the reward model; also with CPU offload) and
+for full fine-tuning with a value model. All in the same plain from_pretrained folders; sft and rlhf runs
 killed after a sharded checkpoint resume to the weights of uninterrupted ones.
 
 On CPU, accelerate 1.15 silently drops FSDP (the run would be DDP), so the FSDP runs go
@@ -207,9 +207,9 @@ def ppo_runs(policy_dir, planted_rm, prompts, data, tmp_path_factory) -> dict[tu
     return Runs(runs)
 
 
-@pytest.mark.parametrize("layout", PPO_LAYOUTS)
-def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, planted_rm, layout):
-    (_, ddp), (path, fsdp2) = ppo_runs["ddp", layout], ppo_runs["fsdp2", layout]
+@pytest.mark.parametrize(("accelerate_config", "layout"), [("fsdp2", "lora-reward"), ("fsdp2", "full"), ("fsdp2_offload", "lora-reward")])
+def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, planted_rm, accelerate_config, layout):
+    (_, ddp), (path, fsdp2) = ppo_runs["ddp", layout], ppo_runs[accelerate_config, layout]
     ran(ddp)
     ran(fsdp2)
     assert fsdp2.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
