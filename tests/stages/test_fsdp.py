@@ -71,7 +71,9 @@ PPO_LAYOUTS = {
 def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
-    module = "pipeline" if accelerate_config == "ddp" or not shim else "tests.stages.fsdp_on_cpu"
+    module = "tests.stages.fsdp_on_cpu" if accelerate_config.startswith("fsdp") and shim else "pipeline"
+    if accelerate_config.startswith("zero"):
+        env = {"DS_ACCELERATOR": "cpu", **env}  # DeepSpeed's CPU accelerator, with gloo; on GPUs it finds CUDA itself
     return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
@@ -150,6 +152,19 @@ def test_lora_under_fsdp2_matches_one_process_merged_and_adapter(tiny_model_dir,
         assert_same_weights(run / stage, reference / stage, reference / parent)
         adapter, want = load_file(run / stage / "adapter" / "adapter_model.safetensors"), load_file(reference / stage / "adapter" / "adapter_model.safetensors")
         assert adapter.keys() == want.keys() and max((adapter[k] - want[k]).abs().max().item() for k in want) <= MAX_DIFF
+    plain_folders(run)
+
+
+def test_sft_rm_and_dpo_under_deepspeed_zero2_match_one_process(tiny_model_dir, data, one_process, tmp_path):
+    path = config(tmp_path, tiny_model_dir, data, processes=2)
+    for stage in ("rm", "dpo"):
+        result = launch("zero2", stage, path)
+        ran(result)
+        assert "fallback" not in result.stdout, result.stdout
+    run, reference = run_dir(path), one_process[False]
+    assert json.loads((run / "sft" / "manifest.json").read_text())["world_size"] == 2
+    for stage, parent in (("sft", "base"), ("rm", "sft"), ("dpo", "sft")):
+        assert_same_weights(run / stage, reference / stage, reference / parent)
     plain_folders(run)
 
 
