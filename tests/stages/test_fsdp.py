@@ -100,6 +100,26 @@ def assert_same_weights(folder: Path, reference: Path, start: Path, name: str = 
     assert diff <= MAX_DIFF and norm <= NORM_RATIO * update, f"{folder}/{name}: max |diff| {diff:.3g}, |diff| / |update| {float(norm / update):.3g}"
 
 
+def moved(config_path: Path, folder: Path) -> Path:
+    """A copy of the config at `config_path` in `folder`, writing its runs there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = yaml.safe_load(config_path.read_text())
+    settings["run"]["output_dir"] = str(folder / "runs")
+    (path := folder / config_path.name).write_text(yaml.safe_dump(settings))
+    return path
+
+
+def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path) -> subprocess.CompletedProcess:
+    """`stage` under FSDP2 ended as if killed once checkpoint-2 is complete (each process
+    having written its shard), then run again: the second run's result."""
+    killed = launch("fsdp2", stage, path, EXIT_AFTER_CHECKPOINT="2")
+    assert killed.returncode != 0
+    shards = sorted(p.name for p in (run_dir(path) / f".{stage}.partial" / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+    ran(resumed := launch("fsdp2", stage, path))
+    return resumed
+
+
 def plain_folders(run: Path) -> None:
     """Finished folders load with from_pretrained and hold no sharded checkpoint."""
     for stage in ("sft", "dpo"):
@@ -180,12 +200,7 @@ def test_sft_and_rm_under_fsdp2_with_offload_and_ddp_match_one_process(tiny_mode
 
 def test_fsdp2_sft_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(tiny_model_dir, data, fsdp2_full, tmp_path):
     path = config(tmp_path, tiny_model_dir, data, processes=2)
-    killed = launch("fsdp2", "sft", path, EXIT_AFTER_CHECKPOINT="2")
-    assert killed.returncode != 0
-    partial = run_dir(path) / ".sft.partial" / "checkpoint-2"
-    shards = sorted(p.name for p in (partial / "pytorch_model_fsdp_0").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
-    ran(resumed := launch("fsdp2", "sft", path))
+    resumed = kill_after_sharded_checkpoint_2_and_resume("sft", path)
     assert "resuming from" in resumed.stdout
     _, straight = fsdp2_full
     got, want = load_file(run_dir(path) / "sft" / "model.safetensors"), load_file(straight / "sft" / "model.safetensors")
@@ -194,10 +209,7 @@ def test_fsdp2_sft_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupte
 
 def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, ppo_runs, tmp_path):
     path = config(tmp_path, tiny_model_dir, data, processes=2)
-    ppo_path = tmp_path / "ppo.yaml"
-    settings = yaml.safe_load(ppo_runs["ddp", "full"][0].read_text())
-    settings["run"]["output_dir"] = str(tmp_path / "ppo")
-    ppo_path.write_text(yaml.safe_dump(settings))
+    ppo_path = moved(ppo_runs["ddp", "full"][0], tmp_path / "ppo")
     note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
     for stage, stage_path in (("sft", path), ("rlhf", ppo_path)):
         result = launch("fsdp2", stage, stage_path, shim=False)
@@ -243,16 +255,8 @@ def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, plan
 def test_fsdp2_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ppo_runs, tmp_path):
     straight, result = ppo_runs["fsdp2", "lora-reward"]
     ran(result)
-    path = tmp_path / "tiny.yaml"
-    settings = yaml.safe_load(straight.read_text())
-    settings["run"]["output_dir"] = str(tmp_path / "runs")
-    path.write_text(yaml.safe_dump(settings))
-    killed = launch("fsdp2", "rlhf", path, EXIT_AFTER_CHECKPOINT="2")
-    assert killed.returncode != 0
-    partial = run_dir(path) / ".rlhf.partial" / "checkpoint-2"
-    shards = sorted(p.name for p in (partial / "pytorch_model_fsdp_0").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
-    ran(resumed := launch("fsdp2", "rlhf", path))
+    path = moved(straight, tmp_path)
+    resumed = kill_after_sharded_checkpoint_2_and_resume("rlhf", path)
     assert "resuming the interrupted run from step 2" in resumed.stdout + resumed.stderr
     for name in ("model.safetensors", "value/model.safetensors"):
         got, want = load_file(run_dir(path) / "rlhf" / name), load_file(run_dir(straight) / "rlhf" / name)
