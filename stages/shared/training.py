@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from engine import device, sampling
+from engine import device, sampling, sharding
 from engine.device import cpu_only, mixed_precision
 from pipeline import checkpoint as ckpt
 from pipeline.errors import ConfigError
@@ -154,7 +154,8 @@ def evaluate_before_training(trainer) -> dict:
     try:
         return trainer.evaluate()
     finally:
-        trainer.is_deepspeed_enabled = trainer.is_deepspeed_enabled or whole_under_zero
+        if whole_under_zero:
+            trainer.is_deepspeed_enabled = True
         trainer.model.__dict__.pop("_is_accelerate_prepared", None)
 
 
@@ -163,9 +164,7 @@ _WHOLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return bool(sharding.units(model))
 
 
 def _gather_if_sharded(trainer) -> None:
