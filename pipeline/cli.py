@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return generate.main(args, cfg.run_dir)
         runner = Runner(cfg, STAGES)
-        if args.command == "status":
-            print(runner.status())
+        try:
+            if args.command == "status":
+                print(runner.status())
+                return 0
+            runner.run(args.stage, force=args.force)
             return 0
-        runner.run(args.stage, force=args.force)
-        return 0
+        finally:
+            runner.close()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

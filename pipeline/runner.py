@@ -69,6 +69,12 @@ class Runner:
         if self.world is not None:
             self.world.wait_for_everyone()
 
+    def close(self) -> None:
+        """Tear down the process group while the interpreter is whole: left to exit, gloo's
+        worker threads can outlive it and abort the process (pytorch/pytorch#190489)."""
+        if self.world is not None:
+            self.world.destroy_process_group()
+
     # ------------------------------------------------------------ assessing
 
     def parents(self, stage: Stage) -> list[str]:

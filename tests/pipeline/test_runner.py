@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, TrainingDiverged
 from pipeline.runner import Runner
 from stages import STAGES
 from tests.conftest import load_config, tiny_config, write_jsonl
@@ -203,3 +204,36 @@ def test_a_corrupt_manifest_is_rebuilt_and_says_so_once_in_the_log_and_the_new_m
     rebuilt = manifest(run, "sft")
     assert rebuilt["status"] == "complete" and len(rebuilt["fallbacks"]) == 1 and rebuilt["fallbacks"][0].startswith("rebuilt sft:")
     assert manifest(run, "base")["fallbacks"] == [], "base took none"
+
+
+class FakeWorld:
+    """Stands in for accelerate's PartialState on two processes, seen from the main one."""
+
+    is_main_process = True
+
+    def __init__(self):
+        self.destroyed = 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def destroy_process_group(self):
+        self.destroyed += 1
+
+
+@pytest.mark.parametrize("outcome", ["status", "bad input", "diverged"])
+def test_the_cli_tears_down_the_process_group_however_the_command_ends(outcome, tiny_model_dir, sft_rows, tmp_path, monkeypatch):
+    """Left to interpreter exit, gloo's threads can abort a finished process (SIGABRT,
+    "terminate called without an active exception"): a CI run's two-process sft ended so."""
+    world = FakeWorld()
+    monkeypatch.setattr("pipeline.runner._distributed_state", lambda: world)
+    raised = {"bad input": ConfigError("planted"), "diverged": TrainingDiverged("planted")}.get(outcome)
+
+    def fail(self, *args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(Runner, "run", fail)
+    config = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", sft_rows[:40]))
+    code = run_cli("status" if outcome == "status" else "run", "--config", str(config))
+    assert code == {"status": 0, "bad input": EXIT_BAD_INPUT, "diverged": EXIT_DIVERGED}[outcome]
+    assert world.destroyed == 1
