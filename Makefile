@@ -12,6 +12,7 @@
 #
 # Variables: CONFIG=path.yaml  SET="sft.learning_rate=1e-5 sft.method=lora"  FORCE=1 (rerun the named stage)
 #            TORCH="torch==2.13.0" (the torch to install; pick a CUDA build on GPU machines if you need one)
+#            TEST_WORKERS=2 (pytest-xdist workers for make test; 0 runs the tests in one process)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +20,7 @@ CONFIG ?= configs/default.yaml
 SET ?=
 FORCE ?=
 TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -31,7 +33,7 @@ PROMPT ?=
 .PHONY: help install pipeline base sft rm rlhf dpo eval generate e2e bench gpu-check status config test clean-venv
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
 
 install: $(INSTALLED)
 
@@ -76,9 +78,11 @@ config: $(INSTALLED)
 	@$(PY) -m pipeline config $(CONFIG_ARGS)
 
 # ruff first: the project's own limits (pyproject.toml) fail fast, before the slow tests.
+# Two workers, each test file whole on one (its module fixtures built once): most tests
+# spend their time in Python and process launches, not in matmuls, so this halves the wall.
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,6 +28,8 @@ from tests.conftest import ROOT, history, tiny_config, write_jsonl
 from tests.conftest import ppo_config as config
 from tests.pipeline.test_resume import kill_after_checkpoint, start, wait_for_checkpoint
 
+pytestmark = pytest.mark.launches
+
 LAYOUTS = {
     "full": {"method": "full"},
     # the default config's layout: the value adapter on the reward model's top layers

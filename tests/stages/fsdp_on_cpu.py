@@ -1,5 +1,5 @@
-"""`python -m pipeline` with FSDP allowed on CPU processes, for tests/stages/test_fsdp.py,
-run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`. Not a test itself.
+"""`python -m pipeline` with FSDP allowed on CPU processes, for tests/stages/test_fsdp.py and
+test_fsdp_rlhf.py, run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`. Not a test itself.
 
 accelerate 1.15 turns FSDP on only for accelerator process groups: a Trainer on CPU
 (use_cpu, gloo) gets a MULTI_CPU state and the FSDP plugin is dropped without a word, so

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import ROOT, tiny_config, write_jsonl
+
+pytestmark = pytest.mark.launches
 
 
 def test_sft_on_two_processes_shares_the_data_and_writes_one_checkpoint(tiny_model_dir, sft_rows, tmp_path):

@@ -1,0 +1,94 @@
+"""Launching a stage the way the README says, `accelerate launch --config_file
+configs/accelerate/<name>.yaml`, on two CPU processes (gloo), and comparing what it wrote,
+for tests/stages/test_fsdp.py and test_fsdp_rlhf.py. Not a test itself.
+
+On CPU, accelerate 1.15 silently drops FSDP (the run would be DDP), so the FSDP runs go
+through tests/stages/fsdp_on_cpu.py, which lifts that one gate and nothing else.
+
+Tolerance. Both runs see the same rows in the same steps, in fp32; only the order of the
+sums differs (each process's half, then an all-reduce or reduce-scatter), so gradients
+agree to ~1e-7 relative. Adam divides by sqrt(v) + eps (1e-8), which turns that into
+larger update differences on the few elements whose gradient is within a few eps of
+zero: measured at most 5.8e-5 on one element (rm, DDP; 4.4e-5 under FSDP2) of updates
+up to 6e-3, and 1e-4 of the update as a whole. The bounds, MAX_DIFF = 2e-4 on any element
+and NORM_RATIO = 1e-3 of the update's norm, are about three and ten times that; a wrong
+data split, a missing gradient reduction or an unsynchronised rank moves the weights by a
+whole step (~lr, 1e-3 to 3e-3) and fails them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tests.conftest import ROOT
+
+MAX_DIFF = 2e-4
+NORM_RATIO = 1e-3
+
+
+def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    module = "tests.stages.fsdp_on_cpu" if accelerate_config.startswith("fsdp") and shim else "pipeline"
+    if accelerate_config.startswith("zero"):
+        env = {"DS_ACCELERATOR": "cpu", **env}  # DeepSpeed's CPU accelerator, with gloo; on GPUs it finds CUDA itself
+    return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def ran(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("[pipeline] summary:") == 1, "only the main process reports"
+
+
+def run_dir(config_path: Path) -> Path:
+    return Path(yaml.safe_load(config_path.read_text())["run"]["output_dir"]) / "tiny"
+
+
+def assert_same_weights(folder: Path, reference: Path, start: Path, name: str = "model.safetensors") -> None:
+    """`folder` holds the weights `reference` holds (the one-process run), within the stated
+    tolerance, relative to the update `reference` made from `start`."""
+    got, want, before = load_file(folder / name), load_file(reference / name), load_file(start / "model.safetensors")
+    assert got.keys() == want.keys(), f"{folder}: {sorted(got.keys() ^ want.keys())}"
+    assert all(got[k].dtype == want[k].dtype and got[k].shape == want[k].shape for k in want)
+    diff = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+    moved = [k for k in want if k in before and before[k].shape == want[k].shape]
+    norm = sum(((got[k].double() - want[k].double()) ** 2).sum() for k in moved) ** 0.5
+    update = sum(((want[k].double() - before[k].double()) ** 2).sum() for k in moved) ** 0.5
+    assert diff <= MAX_DIFF and norm <= NORM_RATIO * update, f"{folder}/{name}: max |diff| {diff:.3g}, |diff| / |update| {float(norm / update):.3g}"
+
+
+def moved(config_path: Path, folder: Path) -> Path:
+    """A copy of the config at `config_path` in `folder`, writing its runs there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = yaml.safe_load(config_path.read_text())
+    settings["run"]["output_dir"] = str(folder / "runs")
+    (path := folder / config_path.name).write_text(yaml.safe_dump(settings))
+    return path
+
+
+def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path) -> subprocess.CompletedProcess:
+    """`stage` under FSDP2 ended as if killed once checkpoint-2 is complete (each process
+    having written its shard), then run again: the second run's result."""
+    killed = launch("fsdp2", stage, path, EXIT_AFTER_CHECKPOINT="2")
+    assert killed.returncode != 0
+    shards = sorted(p.name for p in (run_dir(path) / f".{stage}.partial" / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+    ran(resumed := launch("fsdp2", stage, path))
+    return resumed
+
+
+def plain_folders(run: Path) -> None:
+    """Finished folders load with from_pretrained and hold no sharded checkpoint."""
+    for stage in ("sft", "dpo"):
+        if (run / stage).exists():
+            AutoModelForCausalLM.from_pretrained(run / stage)
+    if (run / "rm").exists():
+        AutoModelForSequenceClassification.from_pretrained(run / "rm")
+    assert not [p for p in run.rglob("*") if p.suffix == ".distcp" or p.name.startswith("checkpoint-")]
