@@ -23,11 +23,16 @@ def cpu_only() -> bool:
     return not torch.accelerator.is_available()
 
 
+def asked_for(kind: str) -> bool:
+    """Whether the launch (accelerate's environment variables) asked for FSDP or DEEPSPEED."""
+    return os.environ.get(SHARDING_ASKED[kind], "false").lower() in ("1", "true")
+
+
 def dropped_sharding(accelerator) -> list[str]:
     """The fallback, when a launch asked for FSDP or DeepSpeed (accelerate's environment
     variables) and `accelerator` runs without it: on CPU processes accelerate 1.15 keeps
     plain DDP for an FSDP launch and says nothing, and every process then holds the whole
     model. One line per sharding asked for and dropped."""
     running = accelerator.distributed_type.value
-    asked = [kind for kind, variable in SHARDING_ASKED.items() if os.environ.get(variable, "false").lower() in ("1", "true") and running != kind]
+    asked = [kind for kind in SHARDING_ASKED if asked_for(kind) and running != kind]
     return [f"the launch asked for {kind} but accelerate runs {running} (on CPU processes it drops FSDP): each process holds the whole model" for kind in asked]

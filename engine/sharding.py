@@ -10,8 +10,11 @@ the causal LM inside the root finds the root's own parameters (embeddings, final
 output layer, value head) still sharded. Here every unit is all-gathered once and kept
 gathered until the block ends: generation then runs on whole weights, as the DeepSpeed-
 Chat hybrid engine and TRL's ZeRO-3 generation do, at the memory of one whole copy of
-the trained module per process while it lasts. Under DDP, DeepSpeed ZeRO-1/2 or one
-process every weight is whole already and nothing happens.
+the trained module per process while it lasts. Under DeepSpeed ZeRO-3 (zero3_init_flag)
+the weights are partitioned from the moment they load, and DeepSpeed gathers a layer for
+its forward only once its engine exists: before that (the layout probes, the numbers before
+training) they are gathered whole the same way. Under DDP, ZeRO-1/2 or one process every
+weight is whole already and nothing happens.
 """
 
 from __future__ import annotations
@@ -31,15 +34,27 @@ def units(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
+def partitioned(module: nn.Module) -> list[nn.Parameter]:
+    """`module`'s parameters that DeepSpeed ZeRO-3 has partitioned, or []."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
 @contextmanager
 def whole(accelerator, module: nn.Module):
     """Every parameter of `module` gathered (all processes must enter together), and
     sharded again afterwards. The decoder-layer units get the run's reshard-after-forward
     setting back; the root keeps its parameters gathered between forward and backward,
-    FSDP2's own choice for a root."""
+    FSDP2's own choice for a root. `accelerator` is read only under FSDP2."""
     found = units(module)
     if not found:
-        yield module
+        zero3 = partitioned(module)
+        if not zero3:
+            yield module
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):  # read-only: nothing written back
+            yield module
         return
     root = found[0]
     # FSDP2 makes whichever unit runs forward first the root; a decoder layer called

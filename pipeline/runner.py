@@ -339,6 +339,7 @@ class Runner:
             "timings": {"started": started, "finished": ckpt.now() if seconds is not None else None, "seconds": round(seconds, 1) if seconds is not None else None, "attempts": attempt},
             "versions": ckpt.library_versions(),
             "world_size": self.world.num_processes if self.world is not None else 1,
+            "distributed": _distributed(self.world),
             "material": found.material,
         }
 
@@ -390,6 +391,16 @@ def format_summary(summary: list[dict]) -> str:
         took = _duration(row["seconds"]) if "seconds" in row else ""
         lines.append(f"  {row['stage']:<6} {row['action']:<8} {took:>8}  {row['headline']}  ({row['folder']})")
     return "\n".join(lines)
+
+
+def _distributed(world) -> str | None:
+    """How accelerate ran the stage's processes (MULTI_CPU or MULTI_GPU for DDP, FSDP,
+    DEEPSPEED with its ZeRO stage), which can differ from what the launch asked for."""
+    if world is None:
+        return None
+    kind = world.distributed_type.value
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return f"{kind} (ZeRO-{stage})" if kind == "DEEPSPEED" and stage else kind
 
 
 def _distributed_state():

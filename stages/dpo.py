@@ -203,7 +203,7 @@ def run(cfg: DpoConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
     held_rows = [row for e in held for row in e["rows"]]
 
     trainer = build_trainer(cfg, model_dir, tokenizer, [e["rows"] for e in train], out_dir, seed)
-    start = training.before_training(out_dir, lambda: held_out_logps(trainer, held_rows, cfg.eval_batch_size), trainer.is_world_process_zero())
+    start = training.before_training(trainer, out_dir, lambda: held_out_logps(trainer, held_rows, cfg.eval_batch_size))
     steps_this_attempt = training.train(trainer, "dpo", out_dir)
     end = held_out_logps(trainer, held_rows, cfg.eval_batch_size)
     eval_before = implicit_reward_metrics(start["policy_chosen"], start["policy_rejected"], start["ref_chosen"], start["ref_rejected"], cfg.beta)

@@ -183,7 +183,7 @@ class RankingCollator:
 
 
 def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dict:
-    from engine import probes
+    from engine import probes, sharding
     from pipeline.fallbacks import Fallbacks
     from stages.shared import training
 
@@ -201,9 +201,10 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
 
     model = load_reward_model(model_dir, tokenizer, seed)
     fallbacks = Fallbacks("rm")
-    collate = RankingCollator(tokenizer, probes.layout_for(model, note=fallbacks))
+    with sharding.whole(None, model):  # the probes run the model: ZeRO-3 partitions it as it loads
+        collate = RankingCollator(tokenizer, probes.layout_for(model, note=fallbacks))
     trainer = build_trainer(cfg, model, collate, train, out_dir, seed)
-    eval_before = training.before_training(out_dir, lambda: evaluate(trainer.model, held, cfg.eval_batch_size, collate), trainer.is_world_process_zero())
+    eval_before = training.before_training(trainer, out_dir, lambda: evaluate(trainer.model, held, cfg.eval_batch_size, collate))
     if cfg.eval_steps:
         trainer.add_callback(training.HeldOutCurve(lambda model: evaluate(model, held, cfg.eval_batch_size, collate)["accuracy"], cfg.eval_steps, "heldout_accuracy"))
     steps_this_attempt = training.train(trainer, "rm", out_dir)

@@ -88,7 +88,7 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
             before["samples"] = training.greedy_answers(trainer.model, tokenizer, sample_prompts, cfg.sample_max_new_tokens)
         return before
 
-    before = training.before_training(out_dir, measure, trainer.is_world_process_zero())
+    before = training.before_training(trainer, out_dir, measure)
     steps_this_attempt = training.train(trainer, "sft", out_dir)
     eval_after = trainer.evaluate()["eval_loss"]
 
@@ -129,7 +129,6 @@ def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_
     from stages.shared import training
 
     tokenizer = training.load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
     args = SFTConfig(
         **training.trainer_arguments(cfg, out_dir, seed),
         per_device_eval_batch_size=cfg.batch_size,
@@ -137,6 +136,9 @@ def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_
         eval_strategy="steps" if cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps or None,
     )
+    # After the arguments: under ZeRO-3 they tell from_pretrained to load each process's
+    # partition only (zero3_init_flag), so a model larger than one process's memory loads.
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     return SFTTrainer(
         model=model,
         args=args,

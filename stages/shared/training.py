@@ -8,6 +8,7 @@ copy on the main process, which `save_model` writes as a plain folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import weakref
@@ -144,11 +145,12 @@ def evaluate_before_training(trainer) -> dict:
     if getattr(trainer, "is_fsdp_enabled", False) and not _is_sharded(trainer.model):
         trainer.model.to(trainer.args.device)
         trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
-    # ZeRO-1 and -2 keep every parameter whole on every process, so the model is evaluated as
-    # under DDP; transformers would start a DeepSpeed inference engine, which it allows for
-    # ZeRO-3 only ("ZeRO inference only makes sense with ZeRO Stage 3").
-    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    whole_under_zero = trainer.is_deepspeed_enabled and deepspeed is not None and deepspeed.zero_stage < 3
+    # ZeRO-1 and -2 keep every parameter whole on every process, and `before_training` gathers
+    # ZeRO-3's (engine/sharding.py), so the model is evaluated as under DDP. transformers would start a DeepSpeed
+    # inference engine instead, which it refuses below ZeRO-3 ("ZeRO inference only makes
+    # sense with ZeRO Stage 3") and which leaves ZeRO-3's training without an engine
+    # (huggingface/transformers#44889).
+    whole_under_zero = trainer.is_deepspeed_enabled
     if whole_under_zero:
         trainer.is_deepspeed_enabled = False
     try:
@@ -167,12 +169,20 @@ def _is_sharded(model) -> bool:
     return bool(sharding.units(model))
 
 
+def _zero3(trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+
 def _gather_if_sharded(trainer) -> None:
     """Every process takes part in gathering the full state dict, which only the main
     process receives; it loads it into a whole copy of the model there."""
-    if not _is_sharded(trainer.model):
+    zero3 = _zero3(trainer)
+    if not (zero3 or _is_sharded(trainer.model)):
         return
-    state = trainer.accelerator.get_state_dict(trainer.model)
+    # DeepSpeed gathers through its engine (zero3_save_16bit_model: the weights in their
+    # training dtype, fp32 unless bf16 is on); FSDP through the sharded module itself.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped if zero3 else trainer.model)
     if trainer.is_world_process_zero():
         _WHOLE[trainer.model] = whole_copy(trainer.model, state)
 
@@ -188,7 +198,7 @@ def whole_copy(model, state: dict):
     peft = isinstance(model, PeftModel)
     inner = model.get_base_model() if peft else model
     cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
-    with torch.device("meta"):
+    with torch.device("meta"), _outside_zero3():
         copy = cls(inner.config)
     copy.to_empty(device="cpu")
     copy.tie_weights()  # to_empty gives each module its own tensor
@@ -205,14 +215,31 @@ def whole_copy(model, state: dict):
     return copy
 
 
-def before_training(out_dir: Path, measure: Callable[[], dict], is_main: bool) -> dict:
-    """The starting model's numbers, measured once and kept in the work folder, so a
-    resumed run reports the true starting point rather than a checkpoint's."""
+@contextlib.contextmanager
+def _outside_zero3():
+    """Models built in the block are plain. While a ZeRO-3 config is registered (from the
+    Trainer's arguments), transformers builds every model inside DeepSpeed's zero.Init,
+    whose partitioning is collective: on the main process alone it would wait forever."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed.deepspeed_config() is not None and hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered:
+            hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
+def before_training(trainer, out_dir: Path, measure: Callable[[], dict]) -> dict:
+    """The starting model's numbers, measured once (on whole weights) and kept in the work
+    folder, so a resumed run reports the true starting point rather than a checkpoint's."""
     path = out_dir / "before_training.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = measure()
-    if is_main:
+    with sharding.whole(trainer.accelerator, trainer.model):  # ZeRO-3 partitions weights as they load
+        result = measure()
+    if trainer.is_world_process_zero():
         ckpt.write_json_atomic(path, result)  # a resume reads it back: never leave it torn
     return result
 

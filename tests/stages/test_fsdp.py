@@ -61,6 +61,7 @@ def fsdp2_full(tiny_model_dir, data, tmp_path_factory):
         ran(result)
         assert result.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
         assert "fallback" not in result.stdout, result.stdout
+        assert json.loads((run_dir(path) / stage / "manifest.json").read_text())["distributed"] == "FSDP"
     return path, run_dir(path)
 
 
@@ -85,14 +86,18 @@ def test_lora_under_fsdp2_matches_one_process_merged_and_adapter(tiny_model_dir,
     plain_folders(run)
 
 
-def test_sft_rm_and_dpo_under_deepspeed_zero2_match_one_process(tiny_model_dir, data, one_process, tmp_path):
+@pytest.mark.parametrize("accelerate_config", ["zero2", "zero3"])
+def test_sft_rm_and_dpo_under_deepspeed_match_one_process(tiny_model_dir, data, one_process, tmp_path, accelerate_config):
+    """ZeRO-3 partitions the weights as they load: the numbers before training, the reward
+    model's layout probes and the final folder each gather them (engine/sharding.py)."""
     path = config(tmp_path, tiny_model_dir, data, processes=2)
     for stage in ("rm", "dpo"):
-        result = launch("zero2", stage, path)
+        result = launch(accelerate_config, stage, path)
         ran(result)
         assert "fallback" not in result.stdout, result.stdout
     run, reference = run_dir(path), one_process[False]
-    assert json.loads((run / "sft" / "manifest.json").read_text())["world_size"] == 2
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["distributed"] == f"DEEPSPEED (ZeRO-{accelerate_config[-1]})"
     for stage, parent in (("sft", "base"), ("rm", "sft"), ("dpo", "sft")):
         assert_same_weights(run / stage, reference / stage, reference / parent)
     plain_folders(run)
@@ -123,4 +128,5 @@ def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir,
     ran(result)
     note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
     assert result.stdout.count(f"[sft] fallback: {note}") == 1, result.stdout[-3000:]
-    assert note in json.loads((run_dir(path) / "sft" / "manifest.json").read_text())["fallbacks"]
+    manifest = json.loads((run_dir(path) / "sft" / "manifest.json").read_text())
+    assert note in manifest["fallbacks"] and manifest["distributed"] == "MULTI_CPU"

@@ -56,7 +56,7 @@ def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, plan
     assert (unmerged in fsdp2.stdout) == (layout != "full") and unmerged not in ddp.stdout
     folder, reference = run_dir(path) / "rlhf", run_dir(ppo_runs["ddp", layout][0]) / "rlhf"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["metrics"]["episodes"] == 4 * 4 * 2
+    assert manifest["world_size"] == 2 and manifest["metrics"]["episodes"] == 4 * 4 * 2 and manifest["distributed"] == "FSDP"
     assert_same_weights(folder, reference, policy_dir)
     assert_same_weights(folder / "value", reference / "value", planted_rm)
     AutoModelForCausalLM.from_pretrained(folder)
