@@ -26,10 +26,38 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.conftest import ROOT
+from pipeline import cli
+from tests.conftest import ROOT, planted_rankings, tiny_config, write_jsonl
 
 MAX_DIFF = 2e-4
 NORM_RATIO = 1e-3
+
+LORA = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+# 51 sft rows and 30 rm/dpo training prompts: every step below is a full global batch of 8
+# (a short last batch is padded differently by one and two processes).
+SFT = {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-3}
+TRAINER = {"max_steps": 3, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_length": 96, "save_steps": 2, "logging_steps": 1}
+
+
+def trainer_data(folder: Path, sft_rows: list[dict]) -> dict[str, Path]:
+    """The sft rows and planted rankings the Trainer-stage launches train on."""
+    return {"sft": write_jsonl(folder / "sft.jsonl", sft_rows[:64]), "pref": write_jsonl(folder / "pref.jsonl", planted_rankings(sft_rows, 40))}
+
+
+def config(folder: Path, model_dir: Path, data: dict[str, Path], processes: int, lora: bool = False) -> Path:
+    """sft, rm and dpo on the tiny model with a global batch of 8: 8 rows per process
+    on one, 4 on each of two."""
+    per_process = {"batch_size": 8 // processes, **(LORA if lora else {})}
+    preferences = {"data": {"train": str(data["pref"]), "eval_fraction": 0.25}, **TRAINER, **per_process}
+    return tiny_config(folder, model_dir, data["sft"], sft={**SFT, **per_process}, rm=preferences, dpo=preferences)
+
+
+def one_process(folder: Path, model_dir: Path, data: dict[str, Path], lora: bool = False) -> Path:
+    """The reference: sft, rm and dpo run in this process, at the same global batch; its run folder."""
+    path = config(folder, model_dir, data, processes=1, lora=lora)
+    assert cli.main(["run", "rm", "--config", str(path)]) == 0
+    assert cli.main(["run", "dpo", "--config", str(path)]) == 0
+    return run_dir(path)
 
 
 def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
