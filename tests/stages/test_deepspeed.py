@@ -1,8 +1,8 @@
 """The Trainer stages (sft, rm, dpo) under DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes
 (DeepSpeed's CPU accelerator with gloo; tests/stages/two_processes.py says how, and the
 tolerance) end at the weights of one process taking the same global batch, in plain
-from_pretrained folders. The first launch on a fresh machine builds DeepSpeed's shared-memory
-op for CPU processes (about a minute, cached in ~/.cache/torch_extensions)."""
+from_pretrained folders. The launches go through tests/stages/deepspeed_on_cpu.py, which
+spares each fresh machine the build of an op training never uses."""
 
 from __future__ import annotations
 

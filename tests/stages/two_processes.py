@@ -63,7 +63,9 @@ def one_process(folder: Path, model_dir: Path, data: dict[str, Path], lora: bool
 def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
-    module = "tests.stages.fsdp_on_cpu" if accelerate_config.startswith("fsdp") and shim else "pipeline"
+    module = "pipeline"
+    if shim:
+        module = {"fsdp": "tests.stages.fsdp_on_cpu", "zero": "tests.stages.deepspeed_on_cpu"}.get(accelerate_config[:4], module)
     if accelerate_config.startswith("zero"):
         env = {"DS_ACCELERATOR": "cpu", **env}  # DeepSpeed's CPU accelerator, with gloo; on GPUs it finds CUDA itself
     return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
