@@ -39,6 +39,11 @@ def partitioned(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if hasattr(p, "ds_id")]
 
 
+def sharded(module: nn.Module) -> bool:
+    """Whether each process holds only part of `module`'s weights (FSDP2 or ZeRO-3)."""
+    return bool(units(module) or partitioned(module))
+
+
 @contextmanager
 def whole(accelerator, module: nn.Module):
     """Every parameter of `module` gathered (all processes must enter together), and

@@ -142,14 +142,14 @@ def evaluate_before_training(trainer) -> dict:
     is, whole on every process's device (as under DDP, so it must fit on one; and not with
     fsdp_cpu_ram_efficient_loading, which leaves all but the main process empty until
     training), the model is evaluated as under DDP and sharded when training starts."""
-    if getattr(trainer, "is_fsdp_enabled", False) and not _is_sharded(trainer.model):
+    if getattr(trainer, "is_fsdp_enabled", False) and not sharding.units(trainer.model):
         trainer.model.to(trainer.args.device)
         trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
-    # ZeRO-1 and -2 keep every parameter whole on every process, and `before_training` gathers
-    # ZeRO-3's (engine/sharding.py), so the model is evaluated as under DDP. transformers would start a DeepSpeed
-    # inference engine instead, which it refuses below ZeRO-3 ("ZeRO inference only makes
-    # sense with ZeRO Stage 3") and which leaves ZeRO-3's training without an engine
-    # (huggingface/transformers#44889).
+    # ZeRO-1 and -2 keep every parameter whole on every process, and `before_training`
+    # gathers ZeRO-3's (engine/sharding.py), so the model is evaluated as under DDP.
+    # transformers would start a DeepSpeed inference engine instead, which it refuses below
+    # ZeRO-3 ("ZeRO inference only makes sense with ZeRO Stage 3") and which leaves ZeRO-3's
+    # training without an engine (huggingface/transformers#44889).
     whole_under_zero = trainer.is_deepspeed_enabled
     if whole_under_zero:
         trainer.is_deepspeed_enabled = False
@@ -165,21 +165,12 @@ _WHOLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """A sharded model -> its whole copy on the main process, for save_model."""
 
 
-def _is_sharded(model) -> bool:
-    return bool(sharding.units(model))
-
-
-def _zero3(trainer) -> bool:
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
-
-
 def _gather_if_sharded(trainer) -> None:
     """Every process takes part in gathering the full state dict, which only the main
     process receives; it loads it into a whole copy of the model there."""
-    zero3 = _zero3(trainer)
-    if not (zero3 or _is_sharded(trainer.model)):
+    if not sharding.sharded(trainer.model):
         return
+    zero3 = bool(sharding.partitioned(trainer.model))
     # DeepSpeed gathers through its engine (zero3_save_16bit_model: the weights in their
     # training dtype, fp32 unless bf16 is on); FSDP through the sharded module itself.
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped if zero3 else trainer.model)
@@ -222,7 +213,8 @@ def _outside_zero3():
     whose partitioning is collective: on the main process alone it would wait forever."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    registered = hf_deepspeed.deepspeed_config() is not None and hf_deepspeed._hf_deepspeed_config_weak_ref()
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers offers no getter for the object itself
+    registered = ref() if ref is not None else None
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
