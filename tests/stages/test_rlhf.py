@@ -66,6 +66,6 @@ def test_a_deepspeed_launch_is_refused_before_any_stage_trains(policy_dir, plant
     section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 1}
     path = tiny_config(tmp_path, policy_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:16]), sft={"max_steps": 1}, rlhf=section)
     assert cli.main(["run", "rlhf", "--config", str(path)]) == EXIT_BAD_INPUT
-    assert "rlhf: the launch asks for DeepSpeed, which rlhf does not run under" in capsys.readouterr().err
+    assert "rlhf: the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED, from its accelerate config), which rlhf does not run under" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tiny" / "sft").exists()
 
