@@ -145,7 +145,11 @@ def setup(cfg, job: Job) -> Run:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
     schedule = (lambda step: 1.0 - step / cfg.steps) if cfg.lr_scheduler == "linear" else (lambda step: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    wrapped, optimizer, scheduler = accelerator.prepare(models.trained, optimizer, scheduler)
+    # The loop steps the schedule once per PPO step. Prepared, accelerate would step it once
+    # per process each time (the rate would reach zero after steps / processes, then turn
+    # negative), so it is only checkpointed.
+    wrapped, optimizer = accelerator.prepare(models.trained, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     models.trained = accelerator.unwrap_model(wrapped)
     checkpointing.checkpoint_trainable_weights_only(accelerator)
     for scorer in models.scorers:

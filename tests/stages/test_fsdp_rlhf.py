@@ -64,6 +64,16 @@ def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, plan
     assert not [p for p in folder.rglob("*") if p.suffix == ".distcp" or p.name.startswith("checkpoint-")]
 
 
+def test_the_learning_rate_follows_its_schedule_on_two_processes(ppo_runs):
+    """accelerate steps a scheduler it prepared once per process each call: the linear decay
+    would reach zero half-way and end at minus the peak rate."""
+    path, result = ppo_runs["ddp", "full"]
+    ran(result)
+    rows = [json.loads(line) for line in (run_dir(path) / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    want = [PPO["learning_rate"] * (1 - step / PPO["steps"]) for step in range(1, PPO["steps"] + 1)]
+    assert [row["lr"] for row in rows] == pytest.approx(want, abs=1e-12)
+
+
 def test_fsdp2_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ppo_runs, tmp_path):
     straight, result = ppo_runs["fsdp2", "lora-reward"]
     ran(result)
