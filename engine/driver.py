@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpointing, device, guard
+from engine import checkpointing, device, guard, sharding
 from engine.chat import encode_prompt
 from engine.checkpointing import Progress, prompt_batch
 from engine.metrics import StepRecord, Timer, step_metrics
@@ -23,7 +23,7 @@ from engine.probes import layout_for
 from engine.ptx import PtxStream, ptx_examples
 from engine.rewards import Sources, attach_models, episode_texts
 from engine.rollout import RolloutSettings, make_rollout
-from engine.sharding import plain_copy, whole
+from engine.sharding import built_whole, plain_copy, whole
 from engine.update import Learner, Objective, one_pass, policy_forward, ppo_update
 from pipeline import checkpoint as ckpt
 from pipeline.errors import TrainingDiverged
@@ -129,7 +129,7 @@ def rate_rollout(run: Run, job: Job, batch, chat_prompts: list[list[dict]]) -> N
 
 def setup(cfg, job: Job) -> Run:
     """The accelerator, the models, the optimiser and everything else fixed for the run."""
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from transformers import GenerationConfig
 
     job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +138,9 @@ def setup(cfg, job: Job) -> Run:
     # adapters, heads) start alike everywhere. DDP would copy the main process's over
     # anyway; FSDP2 copies nothing and would shard a mix of different initialisations.
     set_seed(job.seed)
-    models = _load_models(cfg, job, note)
-    models.scorers = attach_models(job.sources, models.reward_model, load_reward_model)
+    with built_whole():  # DeepSpeed's engine partitions the trained module itself (ZeRO-3); the frozen ones stay whole
+        models = _load_models(cfg, job, note)
+        models.scorers = attach_models(job.sources, models.reward_model, load_reward_model)
     set_seed(job.seed, device_specific=True)  # each process samples its own responses, whatever the layout drew
     trainable = [p for p in models.trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)  # eps as in the N+ details (TF Adam)
@@ -147,7 +148,7 @@ def setup(cfg, job: Job) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # The loop steps the schedule once per PPO step. Prepared, accelerate would step it once
     # per process each time (the rate would reach zero after steps / processes, then turn
-    # negative), so it is only checkpointed.
+    # negative) and DeepSpeed once per optimiser step, so it is only checkpointed.
     wrapped, optimizer = accelerator.prepare(models.trained, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     models.trained = accelerator.unwrap_model(wrapped)
@@ -167,9 +168,9 @@ def setup(cfg, job: Job) -> Run:
         examples = ptx_examples(job.ptx_rows, job.tokenizer, cfg.max_prompt_length + cfg.max_new_tokens)
         ptx = PtxStream(examples, cfg.microbatch_size, job.tokenizer.pad_token_id, accelerator.device, job.seed, accelerator.process_index, accelerator.num_processes)
         accelerator.register_for_checkpointing(ptx)
-    # FSDP and DeepSpeed re-point module weights at their own storage inside every forward,
-    # which would undo the folded weights mid-sampling: those sample unmerged.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    # FSDP and ZeRO-3 re-point module weights at their own storage when they gather, which
+    # would undo the folded weights mid-sampling: those sample unmerged. ZeRO-1/2 keep them whole.
+    sharded = sharding.weights_sharded(accelerator)
     if cfg.method == "lora" and cfg.merge_for_sampling and sharded:
         note("sampling with the LoRA policy unmerged: the weights are sharded (same distribution, slower)")
     generation = GenerationConfig(
@@ -192,11 +193,17 @@ def _accelerator(cfg, job: Job):
 
     precision = device.mixed_precision(cfg.precision)
     accelerator = Accelerator(
-        cpu=device.cpu_only(),
+        # accelerate runs DeepSpeed only when not told cpu; DeepSpeed finds its own accelerator (its CPU one included)
+        cpu=device.cpu_only() and not device.asked_for("DEEPSPEED"),
         mixed_precision="no" if precision == "fp32" else precision,
+        gradient_accumulation_steps=cfg.minibatch_size // cfg.microbatch_size,
         log_with=[r for r in cfg.report_to if r != "none"] or None,
         project_dir=str(job.out_dir),
     )
+    if accelerator.state.deepspeed_plugin is not None:
+        # DeepSpeed clips inside its engine and asks for a batch size accelerate would
+        # otherwise read from a dataloader, which PPO does not have.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.microbatch_size, gradient_clipping=cfg.max_grad_norm)
     note = Fallbacks("rlhf", accelerator.print)
     for dropped in device.dropped_sharding(accelerator):
         note(dropped)
@@ -227,7 +234,8 @@ def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, in
     eval_after = evaluate_policy(run.held_out, job.held, keep_text=cfg.num_samples)
     accelerator.print(f"[rlhf] held-out score {eval_before['score']:+.3f} -> {eval_after['score']:+.3f}")
     final = plain_copy(accelerator, run.models.trained, lambda: _load_models(cfg, job, run.fallbacks).trained)
-    save_final(accelerator, final, job.tokenizer, job.out_dir, eval_before, eval_after)
+    with built_whole():  # the main process alone builds the final folders' plain models
+        save_final(accelerator, final, job.tokenizer, job.out_dir, eval_before, eval_after)
     for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group the runner still uses
         tracker.finish()
     last = history[-1] if history else {}

@@ -6,7 +6,6 @@ way the estimator's paper does (`Objective`)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -70,14 +69,16 @@ def ppo_update(learner: Learner, batch: Rollout, advantages, returns, first_forw
             minibatch = order[start : start + cfg.minibatch_size]
             for micro in range(n_micro):
                 index = minibatch[micro * cfg.microbatch_size : (micro + 1) * cfg.microbatch_size]
-                sync = micro == n_micro - 1
-                with torch.enable_grad(), accelerator.no_sync(learner.model) if not sync else nullcontext():
+                # accumulate() syncs gradients on the minibatch's last microbatch only (the
+                # accelerator counts n_micro per optimiser step), and backward() divides the
+                # loss by n_micro; under DeepSpeed its engine does both, and steps there.
+                with torch.enable_grad(), accelerator.accumulate(learner.model):
                     if first_forward is not None:
                         outputs, first_forward = first_forward, None
                     else:
                         outputs = policy_forward(learner, batch.select(index))
                     loss, stats = microbatch_loss(learner, batch.select(index), outputs, (advantages[index], returns[index]), kl_coef)
-                    accelerator.backward(loss / n_micro)
+                    accelerator.backward(loss)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 count += 1

@@ -214,15 +214,10 @@ class RlhfConfig:
 
 
 def check(cfg: RlhfConfig) -> None:
-    from engine.device import asked_for
     from engine.reward_functions import prompt_text
     from engine.values import LAYOUTS
     from rl.advantages import ESTIMATORS
 
-    if asked_for("DEEPSPEED"):
-        # The PPO loop drives its own optimizer, accumulation and sampling; under DeepSpeed's
-        # engine it has never run, and an untested sharded update is worse than none.
-        raise ConfigError("rlhf: the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED, from its accelerate config), which rlhf does not run under; launch rlhf with configs/accelerate/fsdp2.yaml (it shards like ZeRO-3) or ddp.yaml")
     check_loggers(cfg.report_to, "rlhf.report_to")
     check_lora(cfg, "rlhf.lora")
     check_model_folder(cfg.init_from, "rlhf.init_from")

@@ -8,7 +8,6 @@ copy on the main process, which `save_model` writes as a plain folder."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import weakref
@@ -189,7 +188,7 @@ def whole_copy(model, state: dict):
     peft = isinstance(model, PeftModel)
     inner = model.get_base_model() if peft else model
     cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
-    with torch.device("meta"), _outside_zero3():
+    with torch.device("meta"), sharding.built_whole():
         copy = cls(inner.config)
     copy.to_empty(device="cpu")
     copy.tie_weights()  # to_empty gives each module its own tensor
@@ -204,23 +203,6 @@ def whole_copy(model, state: dict):
             if name not in state:
                 buffer.copy_(live[name])
     return copy
-
-
-@contextlib.contextmanager
-def _outside_zero3():
-    """Models built in the block are plain. While a ZeRO-3 config is registered (from the
-    Trainer's arguments), transformers builds every model inside DeepSpeed's zero.Init,
-    whose partitioning is collective: on the main process alone it would wait forever."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers offers no getter for the object itself
-    registered = ref() if ref is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if registered:
-            hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
 def before_training(trainer, out_dir: Path, measure: Callable[[], dict]) -> dict:

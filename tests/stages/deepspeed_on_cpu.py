@@ -11,15 +11,19 @@ changes."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import deepspeed.ops
 
 from pipeline import cli
+from tests.stages.fsdp_on_cpu import exit_after_checkpoint
 
 
 def main() -> int:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if os.environ.get("EXIT_AFTER_CHECKPOINT"):
+        exit_after_checkpoint(int(os.environ["EXIT_AFTER_CHECKPOINT"]))
     return cli.main(sys.argv[1:])
 
 

@@ -1,5 +1,5 @@
 """`python -m pipeline` with FSDP allowed on CPU processes, for tests/stages/test_fsdp.py and
-test_fsdp_rlhf.py, run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`. Not a test itself.
+test_sharded_rlhf.py, run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`. Not a test itself.
 
 accelerate 1.15 turns FSDP on only for accelerator process groups: a Trainer on CPU
 (use_cpu, gloo) gets a MULTI_CPU state and the FSDP plugin is dropped without a word, so
@@ -46,9 +46,9 @@ def _init_with_fsdp_on_cpu(self, *args, **kwargs):
 _said: list[bool] = []
 
 
-def _exit_after_checkpoint(step: int) -> None:
+def exit_after_checkpoint(step: int) -> None:
     """Every process ends at once (as if killed) once checkpoint-`step` is marked complete,
-    in a Trainer stage or in rlhf."""
+    in a Trainer stage or in rlhf (tests/stages/deepspeed_on_cpu.py calls it too)."""
     from engine import checkpointing
     from stages.shared import training
 
@@ -76,7 +76,7 @@ def _exit_after_checkpoint(step: int) -> None:
 def main() -> int:
     state.AcceleratorState.__init__ = _init_with_fsdp_on_cpu
     if os.environ.get("EXIT_AFTER_CHECKPOINT"):
-        _exit_after_checkpoint(int(os.environ["EXIT_AFTER_CHECKPOINT"]))
+        exit_after_checkpoint(int(os.environ["EXIT_AFTER_CHECKPOINT"]))
     return cli.main(sys.argv[1:])
 
 

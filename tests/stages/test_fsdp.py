@@ -2,7 +2,7 @@
 says how, and the tolerance): sft, rm and dpo under FSDP2 (with and without CPU offload)
 and DDP each end at the weights of one process taking the same global batch, in plain from_pretrained folders; an sft, rm or dpo run killed after a sharded
 checkpoint resumes to the weights of an uninterrupted one. DeepSpeed is in test_deepspeed.py,
-rlhf in test_fsdp_rlhf.py."""
+rlhf in test_sharded_rlhf.py."""
 
 from __future__ import annotations
 

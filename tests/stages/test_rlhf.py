@@ -53,19 +53,3 @@ def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, m
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert message in str(error.value) and str(error.value).startswith(f"{path}:")
-
-
-def test_a_deepspeed_launch_is_refused_before_any_stage_trains(policy_dir, planted_rm, prompts, sft_rows, tmp_path, monkeypatch, capsys):
-    """DeepSpeed runs sft, rm and dpo, not rlhf: a pipeline launched under it stops at the
-    checks, before sft trains, instead of running an update nobody has tested."""
-    from pipeline import cli
-    from pipeline.errors import EXIT_BAD_INPUT
-    from tests.conftest import tiny_config, write_jsonl
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 1}
-    path = tiny_config(tmp_path, policy_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:16]), sft={"max_steps": 1}, rlhf=section)
-    assert cli.main(["run", "rlhf", "--config", str(path)]) == EXIT_BAD_INPUT
-    assert "rlhf: the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED, from its accelerate config), which rlhf does not run under" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "tiny" / "sft").exists()
-

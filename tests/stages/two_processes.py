@@ -1,6 +1,6 @@
 """Launching a stage the way the README says, `accelerate launch --config_file
 configs/accelerate/<name>.yaml`, on two CPU processes (gloo), and comparing what it wrote,
-for tests/stages/test_fsdp.py and test_fsdp_rlhf.py. Not a test itself.
+for tests/stages/test_fsdp.py, test_deepspeed.py and test_sharded_rlhf.py. Not a test itself.
 
 On CPU, accelerate 1.15 silently drops FSDP (the run would be DDP), so the FSDP runs go
 through tests/stages/fsdp_on_cpu.py, which lifts that one gate and nothing else.
@@ -103,14 +103,19 @@ def moved(config_path: Path, folder: Path) -> Path:
     return path
 
 
-def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path) -> subprocess.CompletedProcess:
-    """`stage` under FSDP2 ended as if killed once checkpoint-2 is complete (each process
-    having written its shard), then run again: the second run's result."""
-    killed = launch("fsdp2", stage, path, EXIT_AFTER_CHECKPOINT="2")
+def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path, accelerate_config: str = "fsdp2") -> subprocess.CompletedProcess:
+    """`stage` under FSDP2 (or DeepSpeed) ended as if killed once checkpoint-2 is complete
+    (each process having written its shard), then run again: the second run's result."""
+    killed = launch(accelerate_config, stage, path, EXIT_AFTER_CHECKPOINT="2")
     assert killed.returncode != 0
-    shards = sorted(p.name for p in (run_dir(path) / f".{stage}.partial" / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
-    ran(resumed := launch("fsdp2", stage, path))
+    checkpoint = run_dir(path) / f".{stage}.partial" / "checkpoint-2"
+    if accelerate_config.startswith("zero"):
+        shards = sorted(p.name for p in checkpoint.rglob("*zero_pp_rank_*_optim_states.pt"))
+        assert [name.split("zero_pp_rank_")[1][0] for name in shards] == ["0", "1"], shards
+    else:
+        shards = sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
+        assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+    ran(resumed := launch(accelerate_config, stage, path))
     return resumed
 
 

@@ -1,9 +1,10 @@
 """rlhf launched on two CPU processes (gloo; tests/stages/two_processes.py says how, and
-the tolerance). Under FSDP2 it ends at the weights of rlhf under DDP (each process samples
-its own answers, so one process is no reference), for the default config's layout (LoRA,
-the value on the reward model; also with CPU offload) and for full fine-tuning with a value
-model, in plain from_pretrained folders; a run killed after a sharded checkpoint resumes to
-the weights of an uninterrupted one."""
+the tolerance). Under FSDP2 and under DeepSpeed ZeRO-2 and ZeRO-3 it ends at the weights of
+rlhf under DDP (each process samples its own answers, so one process is no reference), for
+the default config's layout (LoRA, the value on the reward model; also with CPU offload)
+and for full fine-tuning with a value model, in plain from_pretrained folders; its learning
+rate follows the schedule on any number of processes; a run killed after a sharded
+checkpoint resumes to the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -46,17 +47,24 @@ def ppo_runs(policy_dir, planted_rm, prompts, sft_rows, tmp_path_factory) -> dic
     return Runs(runs)
 
 
-@pytest.mark.parametrize(("accelerate_config", "layout"), [("fsdp2", "lora-reward"), ("fsdp2", "full"), ("fsdp2_offload", "lora-reward")])
-def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, planted_rm, accelerate_config, layout):
-    (_, ddp), (path, fsdp2) = ppo_runs["ddp", layout], ppo_runs[accelerate_config, layout]
+SHARDED = {"fsdp2": "FSDP", "fsdp2_offload": "FSDP", "zero2": "DEEPSPEED (ZeRO-2)", "zero3": "DEEPSPEED (ZeRO-3)"}
+
+
+@pytest.mark.parametrize(("accelerate_config", "layout"), [("fsdp2", "lora-reward"), ("fsdp2", "full"), ("fsdp2_offload", "lora-reward"),
+                                                           ("zero2", "lora-reward"), ("zero3", "lora-reward"), ("zero3", "full")])
+def test_ppo_sharded_matches_ddp_in_plain_folders(ppo_runs, policy_dir, planted_rm, accelerate_config, layout):
+    """ZeRO-3 partitions the trained module inside its engine: sampling gathers it with the
+    engine's hooks off (engine/sharding.py), and the final folders gather it whole."""
+    (_, ddp), (path, sharded) = ppo_runs["ddp", layout], ppo_runs[accelerate_config, layout]
     ran(ddp)
-    ran(fsdp2)
-    assert fsdp2.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
+    ran(sharded)
+    if accelerate_config.startswith("fsdp"):
+        assert sharded.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
     unmerged = "sampling with the LoRA policy unmerged: the weights are sharded (same distribution, slower)"
-    assert (unmerged in fsdp2.stdout) == (layout != "full") and unmerged not in ddp.stdout
+    assert (unmerged in sharded.stdout) == (layout != "full" and accelerate_config != "zero2") and unmerged not in ddp.stdout  # ZeRO-2 keeps weights whole
     folder, reference = run_dir(path) / "rlhf", run_dir(ppo_runs["ddp", layout][0]) / "rlhf"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["metrics"]["episodes"] == 4 * 4 * 2 and manifest["distributed"] == "FSDP"
+    assert manifest["world_size"] == 2 and manifest["metrics"]["episodes"] == 4 * 4 * 2 and manifest["distributed"] == SHARDED[accelerate_config]
     assert_same_weights(folder, reference, policy_dir)
     assert_same_weights(folder / "value", reference / "value", planted_rm)
     AutoModelForCausalLM.from_pretrained(folder)
@@ -64,21 +72,23 @@ def test_ppo_under_fsdp2_matches_ddp_in_plain_folders(ppo_runs, policy_dir, plan
     assert not [p for p in folder.rglob("*") if p.suffix == ".distcp" or p.name.startswith("checkpoint-")]
 
 
-def test_the_learning_rate_follows_its_schedule_on_two_processes(ppo_runs):
-    """accelerate steps a scheduler it prepared once per process each call: the linear decay
-    would reach zero half-way and end at minus the peak rate."""
-    path, result = ppo_runs["ddp", "full"]
+@pytest.mark.parametrize(("accelerate_config", "layout"), [("ddp", "full"), ("zero2", "lora-reward")])
+def test_the_learning_rate_follows_its_schedule_on_two_processes(ppo_runs, accelerate_config, layout):
+    """accelerate steps a scheduler it prepared once per process each call, and DeepSpeed once
+    per optimiser step (here 4 a PPO step): the linear decay would end at minus the peak rate."""
+    path, result = ppo_runs[accelerate_config, layout]
     ran(result)
     rows = [json.loads(line) for line in (run_dir(path) / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     want = [PPO["learning_rate"] * (1 - step / PPO["steps"]) for step in range(1, PPO["steps"] + 1)]
     assert [row["lr"] for row in rows] == pytest.approx(want, abs=1e-12)
 
 
-def test_fsdp2_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ppo_runs, tmp_path):
-    straight, result = ppo_runs["fsdp2", "lora-reward"]
+@pytest.mark.parametrize("accelerate_config", ["fsdp2", "zero3"])
+def test_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ppo_runs, tmp_path, accelerate_config):
+    straight, result = ppo_runs[accelerate_config, "lora-reward"]
     ran(result)
     path = moved(straight, tmp_path)
-    resumed = kill_after_sharded_checkpoint_2_and_resume("rlhf", path)
+    resumed = kill_after_sharded_checkpoint_2_and_resume("rlhf", path, accelerate_config)
     assert "resuming the interrupted run from step 2" in resumed.stdout + resumed.stderr
     for name in ("model.safetensors", "value/model.safetensors"):
         got, want = load_file(run_dir(path) / "rlhf" / name), load_file(run_dir(straight) / "rlhf" / name)
