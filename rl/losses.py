@@ -7,7 +7,9 @@ How per-token terms become one scalar is kept apart from the terms themselves
 alike; the sequence mean (DeepSeekMath eq. 3) weighs every response alike, so a
 long response's tokens count less; the constant (Dr. GRPO, Liu et al. 2025,
 arXiv:2503.20783) divides the token sum by rows * max_len, which removes that
-length bias without making the scale depend on the batch's lengths.
+length bias without making the scale depend on the batch's lengths; the sequence sum
+(RLOO, Ahmadian et al. 2024, arXiv:2402.14740, and TRL's RLOOTrainer) treats a whole
+response as one action, its log-probability the sum of its tokens', averaged over rows.
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ def constant(values: Tensor, mask: Tensor, max_len: int) -> Tensor:
     return total / (values.shape[0] * max_len)
 
 
+def sequence_sum(values: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    """Sum over each row's real tokens, then the mean over rows."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum(1).mean()
+
+
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "token_mean": token_mean,
     "sequence_mean": sequence_mean,
     "constant": constant,
+    "sequence_sum": sequence_sum,
 }
 
 

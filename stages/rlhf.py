@@ -109,10 +109,11 @@ class RlhfConfig:
     kl_estimator: Literal["k1", "k2", "k3"] | None = None
     """The KL estimator of the loss term (rl/kl.py). null: the estimator's (grpo, dr_grpo:
     k3; reinforce_baseline: k2). The reward shaping always uses k1, the exact log ratio."""
-    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant", "sequence_sum"] | None = None
     """How the per-token loss is averaged: over every token of the microbatch, per answer
-    then over answers (GRPO's paper), or summed over max_new_tokens per answer (Dr. GRPO).
-    null: the estimator's."""
+    then over answers (GRPO's paper), summed over max_new_tokens per answer (Dr. GRPO), or
+    summed per answer, then averaged over answers (RLOO's paper and TRL's RLOOTrainer: the
+    whole answer is one action). null: the estimator's."""
     rewards: tuple[RewardSpec, ...] = (RewardSpec(source="rm"),)
     """The reward sources: reward-model folders ("rm" is the run's) and functions
     `module:function` rating a batch of (prompt, completion) pairs, each with a weight

@@ -248,6 +248,7 @@ def test_aggregations_hand_computed():
     close(losses.aggregator("sequence_mean", 4)(values, AGG_MASK), ((1 + 2 + 3) / 3 + 10 / 1) / 2)
     close(losses.aggregator("constant", 4)(values, AGG_MASK), 16 / (2 * 4))
     close(losses.aggregator("constant", 8)(values, AGG_MASK), 16 / (2 * 8))  # rows * max_len, not the batch's width
+    close(losses.aggregator("sequence_sum", 4)(values, AGG_MASK), ((1 + 2 + 3) + 10) / 2)
 
 
 def test_aggregator_refuses_unknown_names_and_short_max_len():
