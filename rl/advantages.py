@@ -177,11 +177,11 @@ class Estimator:
 
 # The defaults follow each method's anchor: DeepSeekMath and TRL's GRPOTrainer (k3 loss
 # term, per-sequence mean), TRL's loss_type="dr_grpo", TRL's RLOOTrainer (k1 in the
-# reward), OpenRLHF's REINFORCE++-baseline example (k2 loss term).
+# reward, the answer's summed log-prob as one action), OpenRLHF's REINFORCE++-baseline example (k2 loss term).
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(whitened_gae, needs_values=True),
     "grpo": Estimator(grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="sequence_mean"),
     "dr_grpo": Estimator(dr_grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="constant"),
-    "rloo": Estimator(rloo, needs_values=False, needs_groups=True),
+    "rloo": Estimator(rloo, needs_values=False, needs_groups=True, aggregation="sequence_sum"),
     "reinforce_baseline": Estimator(reinforce_baseline, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k2"),
 }

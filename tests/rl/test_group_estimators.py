@@ -299,7 +299,7 @@ DEFAULTS = {
     "gae": (True, False, "reward", "k1", "token_mean"),
     "grpo": (False, True, "loss", "k3", "sequence_mean"),
     "dr_grpo": (False, True, "loss", "k3", "constant"),
-    "rloo": (False, True, "reward", "k1", "token_mean"),
+    "rloo": (False, True, "reward", "k1", "sequence_sum"),
     "reinforce_baseline": (False, True, "loss", "k2", "token_mean"),
 }
 
