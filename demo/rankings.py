@@ -9,13 +9,16 @@ UltraFeedback rank a stronger model's answer beside the weaker ones', so that mo
 contrast a right answer with the samples' wrong ones (SFT samples are right about one time
 in five).
 
-The shipped configs/data/demo_rm.jsonl was made once from the default run's SFT model:
+The shipped sets were made once from the default run's SFT model:
 
-    make sft && python -m demo.rankings --policy runs/default/sft
+    make sft
+    python -m demo.rankings --policy runs/default/sft --written --k 8 --out configs/data/demo_rm_k8.jsonl
+    python -m demo.rankings --policy runs/default/sft
 
-(about ten minutes on 2 CPU cores). It is a cached set: retraining SFT does not
-change it, and sampling differs across machines, so rebuild it rather than expect
-the same bytes. `rank` is standard library only; sampling imports the ML stack when
+The first, the default reward model's (400 rankings, 1,844 pairs), took 11 minutes on 2 CPU
+cores; the second, K = 4 without written answers, is what the DPO config trains on. They
+are cached sets: retraining SFT does not change them, and sampling differs across machines,
+so rebuild them rather than expect the same bytes. `rank` is standard library only; sampling imports the ML stack when
 it runs.
 """
 

@@ -1,5 +1,6 @@
-"""Tests for `demo.rankings` and the shipped demo_rm.jsonl (completions sampled from the
-SFT model, ranked by the gold judge plus rater noise)."""
+"""Tests for `demo.rankings` and the shipped rankings (completions sampled from the SFT
+model, ranked by the gold judge plus rater noise): demo_rm.jsonl (K = 4, DPO's pairs) and
+demo_rm_k8.jsonl (K = 8 plus a written answer, the default reward model's)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from demo.judge import gold_score
 from tests.demo import ROOT, read_jsonl
 
 RM_FILE = ROOT / "configs" / "data" / "demo_rm.jsonl"
+# Each shipped file: at most how many levels a ranking has (samples, plus the written answer).
+SHIPPED = {"demo_rm.jsonl": 4, "demo_rm_k8.jsonl": 9}
 
 
 # --- ranking -----------------------------------------------------------------------
@@ -52,23 +55,25 @@ def test_rank_noise_flips_close_calls_and_counts_them():
 # --- the shipped rankings (sampled from the SFT model, ranked by the noisy judge) ----
 
 
-def test_shipped_rankings_are_well_formed_and_from_the_rank_prompts(sets):
-    rows = read_jsonl(RM_FILE)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_rankings_are_well_formed_and_from_the_rank_prompts(sets, name):
+    rows = read_jsonl(ROOT / "configs" / "data" / name)
     assert len(rows) >= 250
     rank_prompts = {r["prompt"] for r in sets["rank"]}
     for r in rows:
         assert list(r) == ["prompt", "completions", "task"]
         assert r["prompt"] in rank_prompts, r
-        assert 2 <= len(r["completions"]) <= 4, r
+        assert 2 <= len(r["completions"]) <= SHIPPED[name], r
         assert all(c and c == c.strip() for c in r["completions"]), r
         golds = [gold_score(r["prompt"], c) for c in r["completions"]]
         assert len(set(golds)) == len(golds), f"one completion per gold level: {r}"
     assert len({r["prompt"] for r in rows}) == len(rows)
 
 
-def test_shipped_rankings_follow_the_judge_up_to_noise():
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_rankings_follow_the_judge_up_to_noise(name):
     pairs = flipped = 0
-    for r in read_jsonl(RM_FILE):
+    for r in read_jsonl(ROOT / "configs" / "data" / name):
         golds = [gold_score(r["prompt"], c) for c in r["completions"]]
         for i in range(len(golds)):
             for j in range(i + 1, len(golds)):
@@ -76,6 +81,17 @@ def test_shipped_rankings_follow_the_judge_up_to_noise():
                 flipped += golds[i] < golds[j]
     assert pairs > 300
     assert flipped / pairs < 0.2, f"{flipped} of {pairs} pairs against the judge"
+
+
+def test_the_default_rankings_set_a_right_answer_against_the_samples():
+    """The written answer puts a correct completion in nearly every ranking of
+    demo_rm_k8.jsonl (demo_rm.jsonl, samples only: a third). Not in all: where a wrong
+    sample scores exactly what the written answer does (wrong, but warm at both ends),
+    the two are one level and the rater keeps either."""
+    rows = read_jsonl(ROOT / "configs" / "data" / "demo_rm_k8.jsonl")
+    with_a_right_answer = sum(any(judge.gold_parts(r["prompt"], c)["correct"] for c in r["completions"]) for r in rows)
+    assert with_a_right_answer >= 0.9 * len(rows), f"{with_a_right_answer} of {len(rows)}"
+    assert sum(len(r["completions"]) > 4 for r in rows) >= 30, "more levels than K = 4 allows"
 
 
 # --- sampling and ranking, with the ML stack faked --------------------------------
