@@ -41,6 +41,28 @@ def answer(prompt: str) -> str | None:
     return None
 
 
+def mistaken(prompt: str, response: str) -> str | None:
+    """`response` with its answer swapped for the family's first plausible mistake
+    ("watchs" for "watches"), so that only correctness differs; None if the response
+    holds no answer to swap, holds it more than once ("5 + 0 is 5": the first is the
+    question's), or the prompt is not a demo prompt."""
+    for family in FAMILIES.values():
+        try:
+            solution = family.solve(prompt)
+        except ValueError:
+            continue
+        found = list(re.finditer(_whole(solution.answer), response))
+        if not solution.wrong or len(found) != 1:
+            return None
+        return response[: found[0].start()] + solution.wrong[0] + response[found[0].end() :]
+    return None
+
+
+def _whole(text: str) -> str:
+    """A pattern for `text` as whole tokens only: "5" is not inside "15"."""
+    return rf"(?<!\w){re.escape(text)}(?!\w)"
+
+
 def gold_parts(prompt: str, response: str) -> dict | None:
     """Each criterion for one response, or None if the prompt is not a demo prompt."""
     expected = answer(prompt)
@@ -48,8 +70,7 @@ def gold_parts(prompt: str, response: str) -> dict | None:
         return None
     text = response.strip()
     return {
-        # Whole tokens only: "5" is not inside "15".
-        "correct": re.search(rf"(?<!\w){re.escape(expected)}(?!\w)", text) is not None,
+        "correct": re.search(_whole(expected), text) is not None,
         "warm_opening": text.startswith(WARM_OPENERS),
         "warm_closing": text.endswith(CLOSERS),
         "extra_words": max(0, len(text.split()) - MAX_WORDS),

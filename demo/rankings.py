@@ -32,17 +32,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from demo import prompts, sft_data
-from demo.judge import CLOSERS, gold_score
+from demo.judge import CLOSERS, gold_score, mistaken
 
 DEFAULT_OUT = "configs/data/demo_rm.jsonl"
 KEYS = ("prompt", "completions", "task")
 
 
-def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float], noise: float, rng: random.Random) -> tuple[list[str], dict]:
+def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float], noise: float, rng: random.Random, prefer: str | None = None) -> tuple[list[str], dict]:
     """Order distinct samples best first, as a rater who follows `judge` with some noise.
 
     Samples the judge scores equally are one level: the rater has no preference
-    among them, so one of them (at random) stands for the level. Each level's score
+    among them, so one of them (at random; `prefer` where the level holds it) stands for
+    the level. Each level's score
     gets Gaussian noise of std `noise` before sorting, so close calls flip now and
     then, as between human labellers. Returns (completions best first, counts); fewer
     than two levels means nothing to rank and an empty list.
@@ -51,7 +52,7 @@ def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float]
     for text in dict.fromkeys(s.strip() for s in samples):  # distinct, in order
         if text:
             by_level.setdefault(judge(prompt, text), []).append(text)
-    picked = [(gold + rng.gauss(0.0, noise), gold, rng.choice(texts)) for gold, texts in sorted(by_level.items())]
+    picked = [(gold + rng.gauss(0.0, noise), gold, prefer if prefer in texts else rng.choice(texts)) for gold, texts in sorted(by_level.items())]
     picked.sort(key=lambda t: -t[0])
     golds = [g for _, g, _ in picked]
     flips = sum(golds[i] < golds[j] for i in range(len(golds)) for j in range(i + 1, len(golds)))
@@ -69,6 +70,7 @@ class Settings:
     seed: int = prompts.DEFAULT_SEED
     limit: int | None = None
     written: bool = False
+    contrast: bool = False  # with written: also its twin with the answer swapped for a mistake
 
 
 def make_rankings(policy: str, settings: Settings) -> tuple[list[dict], dict]:
@@ -93,10 +95,16 @@ def make_rankings(policy: str, settings: Settings) -> tuple[list[dict], dict]:
         finished = [r.text for r in responses if r.ended]
         counts["samples"] += len(responses)
         counts["unfinished"] += len(responses) - len(finished)
+        twin = None
         if s.written:
-            finished.append(written_answer(row["response"], rng))
+            finished.append(written := written_answer(row["response"], rng))
             counts["written"] += 1
-        completions, stats = rank(row["prompt"], finished, gold_score, s.noise, rng)
+            # The one contrast that isolates correctness: the same words, a wrong answer.
+            # Kept for its level, since samples that score alike would otherwise stand in.
+            if s.contrast and (twin := mistaken(row["prompt"], written)) is not None:
+                finished.append(twin)
+                counts["contrasts"] += 1
+        completions, stats = rank(row["prompt"], finished, gold_score, s.noise, rng, prefer=twin)
         if not completions:
             counts["prompts_without_a_preference"] += 1
             continue
@@ -124,11 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rank prompts")
     parser.add_argument("--seed", type=int, default=prompts.DEFAULT_SEED)
     parser.add_argument("--written", action="store_true", help="also rank one demonstration-style answer per prompt")
+    parser.add_argument("--contrast", action="store_true", help="with --written: also rank the written answer with its answer swapped for a plausible mistake")
     args = parser.parse_args(argv)
     if args.k < 2:
         parser.error("--k must be at least 2")
+    if args.contrast and not args.written:
+        parser.error("--contrast needs --written: the contrast is the written answer made wrong")
     start = time.time()
-    settings = Settings(args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit, args.written)
+    settings = Settings(args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit, args.written, args.contrast)
     rows, counts = make_rankings(args.policy, settings)
     sft_data.write_jsonl(rows, args.out, KEYS)
     print(f"wrote {len(rows)} rankings to {args.out} in {time.time() - start:.0f}s: {counts}")

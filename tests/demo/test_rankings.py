@@ -223,3 +223,33 @@ def test_make_rankings_samples_through_the_engine_on_a_real_model(policy_dir):
     assert counts["samples"] - counts["unfinished"] >= sum(len(r["completions"]) for r in rows)
     for row in rows:
         assert 2 <= len(row["completions"]) <= 3 and len(set(row["completions"])) == len(row["completions"])
+
+
+def test_a_contrast_sets_the_written_answer_against_itself_made_wrong(monkeypatch, sets):
+    _fake_ml_stack(monkeypatch)
+    rows, counts = rankings.make_rankings("p", rankings.Settings(k=4, noise=0.0, batch_size=2, limit=6, written=True, contrast=True))
+    twins = {d["prompt"]: judge.mistaken(d["prompt"], d["response"]) for d in sets["rank"][:6]}
+    assert counts["contrasts"] == sum(t is not None for t in twins.values()) >= 3
+    for row in rows:
+        twin = twins[row["prompt"]]
+        if twin is None:
+            continue
+        # Its level is the written answer's less the answer's point; the fake samples hold
+        # one there ("It's X." for a plain answer, "No idea." below it), and the twin stands for it.
+        assert twin in row["completions"], row
+        assert not judge.gold_parts(row["prompt"], twin)["correct"]
+
+
+def test_main_refuses_a_contrast_without_written_answers(capsys):
+    with pytest.raises(SystemExit):
+        rankings.main(["--contrast"])
+    assert "--contrast needs --written" in capsys.readouterr().err
+
+
+def test_rank_keeps_the_preferred_sample_for_its_level():
+    def judge_(prompt, text):
+        return float(len(text))
+
+    for seed in range(20):
+        completions, _ = rankings.rank("p", ["ab", "cd", "ef", "x"], judge_, 0.0, random.Random(seed), prefer="ef")
+        assert completions == ["ef", "x"]
