@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +74,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         return 130
+
+
+def launched() -> bool:
+    """Whether this process is one of several a launcher started (torchrun and accelerate
+    launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(code: int):
+    """End the process with `code`. One of several launched processes ends with os._exit
+    once its output is flushed, skipping the interpreter's teardown: there gloo's pending
+    work can be freed after the process group is gone, and the process aborts with
+    SIGABRT ("terminate called without an active exception") after a run that finished,
+    which the launcher reports as a failed launch (seen in CI on 2026-12-01, 2 of 606 tests
+    in two runs, despite destroy_process_group; pytorch/pytorch#179291 describes the cause).
+    Every file a stage writes is complete and renamed into place before main() returns."""
+    if not launched():
+        raise SystemExit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The console script and `python -m pipeline`: main(), then exit_process."""
+    exit_process(main())
 
 
 def _split(text: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,26 @@ def test_the_installed_command_runs_outside_the_checkout(tiny_model_dir, sft_row
     assert missing.stderr.strip() == "error: configs/default.yaml: config file not found (it is in the checkout; elsewhere pass --config FILE)"
     usage = subprocess.run([str(SCRIPT), "--help"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
     assert usage.stdout.startswith("usage: rlhf-pipeline ")
+
+
+EXITING = """
+import atexit, logging, sys
+from pipeline import cli
+atexit.register(lambda: print("teardown ran"))
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+logging.info("logged")
+print("unflushed", end="")
+cli.exit_process(3)
+"""
+
+
+def test_a_launched_process_exits_with_its_code_its_output_flushed_and_no_teardown(tmp_path):
+    """One of several launched processes skips the interpreter's teardown (where gloo's
+    leftovers can abort it after a finished run); a lone process exits normally."""
+    for world, teardown in (("2", False), ("1", True)):
+        log = tmp_path / f"log{world}"
+        done = subprocess.run([sys.executable, "-c", EXITING, str(log)], capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": world})
+        assert done.returncode == 3, done.stderr
+        assert done.stdout.startswith("unflushed"), "stdout flushed before os._exit"
+        assert ("teardown ran" in done.stdout) is teardown
+        assert "logged" in log.read_text(), "logging flushed"
