@@ -52,12 +52,13 @@ def scorer(rm_dir: Path):
 
     from stages.shared.judge import reward_stats
 
-    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32).eval()
+    # Checked before anything loads: a wrong path is one line, not a Hub lookup's traceback.
     stats = reward_stats(rm_dir)
     if stats is None:
-        raise SystemExit(f"error: {rm_dir}: no reward statistics (is it a finished rm folder?)")
+        raise SystemExit(f"error: {rm_dir}: no finished rm folder (its manifest.json, with the reward statistics, is missing)")
     mean, std = stats
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32).eval()
 
     def score(prompt: str, answer: str) -> float:
         ids = encode_prompt(tokenizer, user_prompt(prompt)) + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
