@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from demo.family import Solution
 from demo.tasks import FAMILIES
 
 WARM_OPENERS = ("Sure!", "Happy to help", "Of course", "Great question")
@@ -31,14 +32,20 @@ MAX_WORDS = 20
 WEIGHTS = {"correct": 1.0, "warm_opening": 0.5, "warm_closing": 0.5, "per_extra_word": 0.1, "max_wordiness": 1.0}
 
 
-def answer(prompt: str) -> str | None:
-    """The expected answer to a demo prompt, or None if no family's template matches."""
+def _solution(prompt: str) -> Solution | None:
+    """The matching family's solution to a demo prompt, or None if no template matches."""
     for family in FAMILIES.values():
         try:
-            return family.solve(prompt).answer
+            return family.solve(prompt)
         except ValueError:
             continue
     return None
+
+
+def answer(prompt: str) -> str | None:
+    """The expected answer to a demo prompt, or None if no family's template matches."""
+    solution = _solution(prompt)
+    return None if solution is None else solution.answer
 
 
 def mistaken(prompt: str, response: str) -> str | None:
@@ -46,16 +53,13 @@ def mistaken(prompt: str, response: str) -> str | None:
     ("watchs" for "watches"), so that only correctness differs; None if the response
     holds no answer to swap, holds it more than once ("5 + 0 is 5": the first is the
     question's), or the prompt is not a demo prompt."""
-    for family in FAMILIES.values():
-        try:
-            solution = family.solve(prompt)
-        except ValueError:
-            continue
-        found = list(re.finditer(_whole(solution.answer), response))
-        if not solution.wrong or len(found) != 1:
-            return None
-        return response[: found[0].start()] + solution.wrong[0] + response[found[0].end() :]
-    return None
+    solution = _solution(prompt)
+    if solution is None or not solution.wrong:
+        return None
+    found = list(re.finditer(_whole(solution.answer), response))
+    if len(found) != 1:
+        return None
+    return response[: found[0].start()] + solution.wrong[0] + response[found[0].end() :]
 
 
 def _whole(text: str) -> str:

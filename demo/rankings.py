@@ -18,8 +18,8 @@ The shipped sets were made once from the default run's SFT model:
 The first, the default reward model's (400 rankings, 1,844 pairs), took 11 minutes on 2 CPU
 cores; the second, K = 4 without written answers, is what the DPO config trains on. They
 are cached sets: retraining SFT does not change them, and sampling differs across machines,
-so rebuild them rather than expect the same bytes. `rank` is standard library only; sampling imports the ML stack when
-it runs.
+so rebuild them rather than expect the same bytes. `rank` is standard library only;
+sampling imports the ML stack when it runs.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ def rank(prompt: str, samples: Iterable[str], judge: Callable[[str, str], float]
 
     Samples the judge scores equally are one level: the rater has no preference
     among them, so one of them (at random; `prefer` where the level holds it) stands for
-    the level. Each level's score
-    gets Gaussian noise of std `noise` before sorting, so close calls flip now and
-    then, as between human labellers. Returns (completions best first, counts); fewer
+    the level. Each level's score gets Gaussian noise of std `noise` before sorting, so
+    close calls flip now and then, as between human labellers. Returns (completions best first, counts); fewer
     than two levels means nothing to rank and an empty list.
     """
     by_level: dict[float, list[str]] = {}

@@ -116,20 +116,21 @@ def test_checker_catches_a_corrupted_answer():
     "prompt, response, twin",
     [
         ('What is the plural of "watch"?', 'Sure! The plural of "watch" is "watches".', 'Sure! The plural of "watch" is "watchs".'),
-        ("What is 12 + 30?", "12 + 30 = 42. Hope that helps!", None),  # filled in below from the family's own mistake
         ("What is 5 + 0?", "5 + 0 is 5.", None),  # the answer twice: the first is the question's
         ("What is 12 + 30?", "No idea.", None),  # no answer to swap
         ("Tell me a joke.", "No.", None),  # not a demo prompt
     ],
 )
 def test_mistaken_swaps_only_the_answer(prompt, response, twin):
-    got = judge.mistaken(prompt, response)
-    if prompt == "What is 12 + 30?" and "42" in response:
-        assert got is not None and got.startswith("12 + 30 = ") and got.endswith(". Hope that helps!")
-        assert not judge.gold_parts(prompt, got)["correct"] and judge.gold_parts(prompt, response)["correct"]
-        assert {k: v for k, v in judge.gold_parts(prompt, got).items() if k != "correct"} == {k: v for k, v in judge.gold_parts(prompt, response).items() if k != "correct"}
-        return
-    assert got == twin
+    assert judge.mistaken(prompt, response) == twin
+
+
+def test_mistaken_keeps_every_other_part_of_the_answer():
+    prompt, response = "What is 12 + 30?", "12 + 30 = 42. Hope that helps!"
+    got = judge.mistaken(prompt, response)  # the family's own first mistake in place of 42
+    assert got is not None and got.startswith("12 + 30 = ") and got.endswith(". Hope that helps!")
+    assert not judge.gold_parts(prompt, got)["correct"] and judge.gold_parts(prompt, response)["correct"]
+    assert {k: v for k, v in judge.gold_parts(prompt, got).items() if k != "correct"} == {k: v for k, v in judge.gold_parts(prompt, response).items() if k != "correct"}
 
 
 def test_every_written_eval_answer_has_a_wrong_twin_or_says_why_not(sets):

@@ -16,7 +16,6 @@ from demo import judge, rankings
 from demo.judge import gold_score
 from tests.demo import ROOT, read_jsonl
 
-RM_FILE = ROOT / "configs" / "data" / "demo_rm.jsonl"
 # Each shipped file: at most how many levels a ranking has (samples, plus the written answer).
 SHIPPED = {"demo_rm.jsonl": 4, "demo_rm_k8.jsonl": 9}
 
