@@ -28,7 +28,11 @@ def ranking_loss(
 
     rewards (completions,); better, worse, group (pairs,) long; margins (pairs,) or None.
     `center_coef` adds coef * mean(r^2), which keeps rewards near 0 (Eisenstein et al. 2023).
+    The loss is computed in fp32 whatever the rewards' dtype: under bf16 autocast the score
+    head gives bf16 rewards while logsigmoid runs in fp32, and the per-prompt sums must not
+    mix the two (nor round a K=9 ranking's 36 pair losses to 8 bits).
     """
+    rewards = rewards.float()
     diff = rewards[better] - rewards[worse]
     if margins is not None:
         diff = diff - margins

@@ -46,6 +46,18 @@ def test_loss_gradient_pushes_better_up_and_worse_down():
     assert rewards.grad[0] < 0 < rewards.grad[2]
 
 
+def test_bf16_rewards_under_autocast_give_the_fp32_loss_and_a_gradient():
+    # A GPU's precision "auto" (or precision: bf16 anywhere) scores in bf16 under autocast,
+    # where logsigmoid returns fp32: the per-prompt sums once mixed the two and raised.
+    rewards = REWARDS.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ranking.ranking_loss(rewards, BETTER, WORSE, GROUP)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ranking.ranking_loss(REWARDS, BETTER, WORSE, GROUP).item(), abs=1e-6)
+    loss.backward()
+    assert rewards.grad.dtype == torch.bfloat16 and rewards.grad[3] < 0 < rewards.grad[4]
+
+
 def test_pairwise_stats_count_ties_as_wrong():
     stats = ranking.pairwise_stats(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0, 0]), torch.tensor([1, 2]))
     assert stats == {"accuracy": 0.5, "margin": 0.5}
