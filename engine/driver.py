@@ -259,6 +259,7 @@ def finish(run: Run, cfg, job: Job, history: list[dict], started: tuple[dict, in
         "stopped_early": stopped,
         "reward_sources": [{"name": s.name, "role": s.role, "weight": s.weight, "normalisation": s.stats or ("running" if s.name in job.sources.moments else None)} for s in job.sources.sources],
         "trainable_parameters": sum(p.numel() for p in run.models.trained.parameters() if p.requires_grad),
+        "precision": device.mixed_precision(cfg.precision),
         "fallbacks": run.fallbacks.taken,
     }
 

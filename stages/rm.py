@@ -237,6 +237,7 @@ def run(cfg: RmConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> dic
         "reward_mean": eval_after["reward_mean"],
         "reward_std": eval_after["reward_std"],
         "trainable_parameters": trainable,
+        "precision": training.precision_used(trainer),
         "layout": {"row_tokens": collate.layout.row_tokens, "share_prefix": collate.layout.share_prefix},
         "fallbacks": fallbacks.taken + training.dropped_sharding(trainer, "rm"),
     }

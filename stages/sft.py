@@ -115,7 +115,7 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "trainable_parameters": trainable,
-        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "precision": training.precision_used(trainer),
         "fallbacks": training.dropped_sharding(trainer, "sft"),
     }
 

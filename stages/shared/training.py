@@ -101,6 +101,11 @@ class HeldOutCurve(TrainerCallback):
         return control
 
 
+def precision_used(trainer) -> str:
+    """What the Trainer ran in ("auto" resolved): the manifest says bf16 where a GPU made it so."""
+    return "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+
+
 def dropped_sharding(trainer, name: str) -> list[str]:
     """The Trainer's `engine.device.dropped_sharding` fallbacks, logged once by the main
     process and returned for the manifest's `fallbacks`."""
