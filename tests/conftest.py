@@ -16,6 +16,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def launch_env(**extra: str) -> dict:
+    """The environment of a test's multi-process launch: CPU processes with gloo, as CI runs
+    them, also on a machine with a GPU, where two ranks on its one device would fail under
+    NCCL; one thread each, as two processes share CI's two cores."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs two workers) each worker, and every process a
     test starts, takes its share of the cores: torch's default of one thread per core in
@@ -142,7 +149,9 @@ TINY_SFT = {
 
 def tiny_config(tmp_path: Path, model_dir: Path, train: Path, name: str = "tiny", sft: dict | None = None, base: dict | None = None, eval_path: Path | None = None, **stages: dict) -> Path:
     """A run config for the tiny model, written next to the run's output folder;
-    `stages` adds later stages' sections (rm=..., rlhf=...)."""
+    `stages` adds later stages' sections (rm=..., rlhf=...). Training stages run in fp32
+    unless a section says otherwise: "auto" means bf16 autocast on a GPU, and the tests
+    compare numbers at fp32 tolerances (tests/stages/test_precision.py runs bf16)."""
     data = {"train": str(train), "eval": str(eval_path) if eval_path else None, "eval_fraction": 0.2}
     config = {
         "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
@@ -150,6 +159,9 @@ def tiny_config(tmp_path: Path, model_dir: Path, train: Path, name: str = "tiny"
         "sft": {"data": data, **TINY_SFT, **(sft or {})},
         **stages,
     }
+    for stage in ("sft", "rm", "dpo", "rlhf"):
+        if isinstance(config.get(stage), dict):
+            config[stage] = {"precision": "fp32", **config[stage]}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -238,7 +250,8 @@ def prompts(sft_rows, tmp_path_factory):
 
 
 def ppo_config(prompts, **settings):
-    """A small PPO config (stages.rlhf.RlhfConfig) on `prompts`, with `settings` on top."""
+    """A small PPO config (stages.rlhf.RlhfConfig) on `prompts`, with `settings` on top; fp32
+    as in tiny_config."""
     from stages import rlhf
 
     values = {
@@ -246,6 +259,7 @@ def ppo_config(prompts, **settings):
         "steps": 4, "batch_size": 8, "minibatch_size": 4, "microbatch_size": 2, "ppo_epochs": 2,
         "learning_rate": 3e-3, "max_new_tokens": 6, "temperature": 1.0, "normalize_scores": False,
         "missing_eos_penalty": 0.0, "save_steps": 2, "sample_steps": 1, "eval_batch_size": 16, "num_samples": 2,
+        "precision": "fp32",
     }
     return rlhf.RlhfConfig(**{**values, **settings})
 

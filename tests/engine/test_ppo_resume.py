@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pipeline import cli
 from pipeline.errors import ConfigError
 from stages import rlhf
 from stages.shared.settings import LoraSettings
-from tests.conftest import ROOT, history, tiny_config, write_jsonl
+from tests.conftest import ROOT, history, launch_env, tiny_config, write_jsonl
 from tests.conftest import ppo_config as config
 from tests.pipeline.test_resume import kill_after_checkpoint, start, wait_for_checkpoint
 
@@ -85,7 +84,6 @@ def test_a_checkpoint_missing_trainable_tensors_is_refused_with_its_path(policy_
 
 @pytest.mark.parametrize("layout", ["full", "lora-reward"])  # critic-free on two processes: test_two_processes_keep_each_group_whole...
 def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -99,7 +97,7 @@ def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "run", "rlhf", "--config", str(config_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env=launch_env(), check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = tmp_path / "runs" / "tiny" / "rlhf"
@@ -117,7 +115,7 @@ def torchrun(config_path, record: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(launcher), "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "ppo_two_processes.py"), "run", "rlhf", "--config", str(config_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PPO_RECORD": str(record), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+        env=launch_env(PPO_RECORD=str(record), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)),
     )
 
 

@@ -8,14 +8,13 @@ subprocess: tests/engine/zero3_sampling.py."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_env
 
 pytest.importorskip("deepspeed")
 
@@ -24,7 +23,7 @@ def test_sampling_under_zero3_keeps_the_weights_gathered_and_hands_them_back(tin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = launch_env(DS_ACCELERATOR="cpu")
     result = subprocess.run([sys.executable, "-m", "tests.engine.zero3_sampling", str(tiny_model_dir), port], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "zero3 sampling: ok" in result.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT, tiny_config, write_jsonl
+from tests.conftest import ROOT, launch_env, tiny_config, write_jsonl
 
 pytestmark = pytest.mark.launches
 
@@ -27,7 +26,7 @@ def test_sft_on_two_processes_shares_the_data_and_writes_one_checkpoint(tiny_mod
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=launch_env(),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("[pipeline] summary:") == 1, "only the main process reports"

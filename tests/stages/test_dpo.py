@@ -26,7 +26,7 @@ from stages.shared.settings import LoraSettings
 from tests.conftest import planted_rankings, write_jsonl
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-TINY_DPO = {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_length": 96, "save_steps": 10, "logging_steps": 5}
+TINY_DPO = {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_length": 96, "save_steps": 10, "logging_steps": 5, "precision": "fp32"}
 
 
 def dpo_config(path, **settings) -> dpo.DpoConfig:
@@ -220,7 +220,7 @@ def test_two_processes_read_one_order_between_them_also_when_resuming_mid_epoch(
 def test_the_reference_stays_the_sft_model_while_the_policy_moves(policy_dir, sft_rows, tmp_path, method):
     from stages.shared import training
 
-    cfg = dpo.DpoConfig(method=method, lora=LORA, max_steps=6, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, max_length=96, save_steps=100)
+    cfg = dpo.DpoConfig(method=method, lora=LORA, max_steps=6, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, max_length=96, save_steps=100, precision="fp32")
     tokenizer = training.load_tokenizer(policy_dir)
     rankings = [preferences.parse(f"f:{i}", row) for i, row in enumerate(planted_rankings(sft_rows, 24))]
     train = [e["rows"] for e in dpo.encode_all(tokenizer, rankings, cfg, {})]

@@ -17,7 +17,6 @@ whole step (~lr, 1e-3 to 3e-3) and fails them."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline import cli
-from tests.conftest import ROOT, planted_rankings, tiny_config, write_jsonl
+from tests.conftest import ROOT, launch_env, planted_rankings, tiny_config, write_jsonl
 
 MAX_DIFF = 2e-4
 NORM_RATIO = 1e-3
@@ -69,7 +68,7 @@ def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = T
     if accelerate_config.startswith("zero"):
         env = {"DS_ACCELERATOR": "cpu", **env}  # DeepSpeed's CPU accelerator, with gloo; on GPUs it finds CUDA itself
     return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+                          env=launch_env(**env))
 
 
 def ran(result: subprocess.CompletedProcess) -> None:
