@@ -141,6 +141,8 @@ def run_trl(algo: str, run: Path, steps: int, prompts_per_step: int, seed: int, 
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()  # a plain folder, scored like ours
     merged.save_pretrained(out / "policy")
     tokenizer.save_pretrained(out / "policy")
+    # TRL's own per-step log (reward, KL, lengths), beside our metrics.jsonl, to compare runs step by step
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     logged = [row["reward"] for row in trainer.state.log_history if "reward" in row]
     per_step = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
     return {"seconds_per_step": per_step, "train_call_seconds": train_seconds, "train_reward_first_last": [logged[0], logged[-1]],
