@@ -163,6 +163,13 @@ def evaluate_before_training(trainer) -> dict:
         if whole_under_zero:
             trainer.is_deepspeed_enabled = True
         trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+        # In mixed precision, preparing for evaluation wrapped forward in autocast; FSDP2's
+        # training preparation adds none (its MixedPrecisionPolicy casts instead), so a kept
+        # wrapper gave a fresh run autocast and a resumed run (which skips this) not: they
+        # parted by 1e-4 in bf16. Training starts from the forward it would have had.
+        original = trainer.model.__dict__.pop("_original_forward", None)
+        if original is not None:
+            trainer.model.forward = original
 
 
 _WHOLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

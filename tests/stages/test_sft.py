@@ -27,6 +27,18 @@ def examples(rows):
     return [data.sft_example(f"row {i}", row) for i, row in enumerate(rows)]
 
 
+def test_evaluating_before_training_in_bf16_leaves_the_forward_as_training_finds_it(prepared_dir, tmp_path):
+    # Evaluation wraps forward in autocast; a fresh FSDP2 run that kept the wrapper trained
+    # otherwise than the same run resumed (which skips this evaluation).
+    from stages.shared import training
+
+    rows = examples([{"prompt": "What is 2 + 3?", "response": "Sure! 2 + 3 = 5."}] * 2)
+    trainer = sft.build_trainer(sft.SftConfig(max_steps=1, precision="bf16"), prepared_dir, rows, rows, tmp_path, seed=0)
+    forward = trainer.model.forward
+    training.evaluate_before_training(trainer)
+    assert "_original_forward" not in vars(trainer.model) and trainer.model.forward == forward
+
+
 def test_loss_covers_the_response_and_its_end_of_turn_only(prepared_dir, tmp_path):
     rows = examples([
         {"prompt": "What is 2 + 3?", "response": "Sure! 2 + 3 = 5."},
