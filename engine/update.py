@@ -62,7 +62,7 @@ def ppo_update(learner: Learner, batch: Rollout, advantages, returns, first_forw
     cfg, accelerator = learner.settings, learner.accelerator
     n_micro = cfg.minibatch_size // cfg.microbatch_size
     totals: dict[str, float] = {}
-    count = 0
+    count, norms = 0, []
     for _ in range(cfg.ppo_epochs):
         order = episode_order(cfg.batch_size, learner.objective.group_size, first_forward is None, batch.responses.device)
         for start in range(0, cfg.batch_size, cfg.minibatch_size):
@@ -82,10 +82,15 @@ def ppo_update(learner: Learner, batch: Rollout, advantages, returns, first_forw
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 count += 1
-            accelerator.clip_grad_norm_(learner.model.parameters(), cfg.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(learner.model.parameters(), cfg.max_grad_norm)
+            if norm is not None:  # DeepSpeed clips inside its engine and returns none here
+                norms.append(float(norm))
             learner.optimizer.step()
             learner.optimizer.zero_grad(set_to_none=True)
-    return {key: value / count for key, value in totals.items()}
+    stats = {key: value / count for key, value in totals.items()}
+    if norms:  # before clipping, as TRL and OpenRLHF log it: how often max_grad_norm bites
+        stats["policy/grad_norm"] = sum(norms) / len(norms)
+    return stats
 
 
 def episode_order(batch_size: int, group_size: int, shuffle: bool, device) -> torch.Tensor:

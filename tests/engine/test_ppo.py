@@ -36,7 +36,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(policy_dir, planted_rm, pro
     assert kls[-1] > 1.0 and sum(kls[-5:]) / 5 < 12, kls
     assert metrics["eval_after"]["score"] > metrics["eval_before"]["score"]
     for key in ("objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "loss/policy", "loss/value", "policy/approx_kl",
-                "policy/clipfrac", "policy/ratio_mean", "value/clipfrac", "response/length", "response/eos_fraction", "lr", "tokens_per_second",
+                "policy/clipfrac", "policy/ratio_mean", "policy/grad_norm", "value/clipfrac", "response/length", "response/eos_fraction", "lr", "tokens_per_second",
                 "time/generation", "time/scoring", "time/update"):
         assert key in rows[0], key
     assert rows[-1]["lr"] < rows[0]["lr"], "the learning rate anneals"
@@ -44,6 +44,17 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(policy_dir, planted_rm, pro
     AutoModelForCausalLM.from_pretrained(tmp_path)  # plain folders
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "value")
     assert (tmp_path / "samples.md").read_text().count("**PPO**") == 2
+
+
+def test_the_gradient_norm_is_logged_before_clipping(policy_dir, planted_rm, prompts, tmp_path):
+    # One step, so the gradient is the same whatever the clip: a norm logged after clipping
+    # would read 1e-6 in the clipped run.
+    logged = []
+    for clip in (1e-6, 1e6):
+        cfg = config(prompts, steps=1, ppo_epochs=1, minibatch_size=8, microbatch_size=8, max_grad_norm=clip)
+        rlhf.train(cfg, policy_dir, planted_rm, tmp_path / str(clip), seed=0)
+        logged.append(history(tmp_path / str(clip))[0]["policy/grad_norm"])
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5) and logged[0] > 1e-3, logged
 
 
 @pytest.mark.parametrize("method, value_model", [("full", "separate"), ("lora", "shared"), ("lora", "reward")])
