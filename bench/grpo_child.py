@@ -89,8 +89,11 @@ def trl_settings(algo: str, steps: int, prompts_per_step: int, seed: int, out: s
         "mask_truncated_completions": False,  # ours trains on truncated answers too (its missing-EOS penalty is 0 here)
     }
     if algo == "grpo":
-        # Ours grpo: group mean and std (1e-4 added), k3 KL loss term, per-answer token mean then mean over answers.
-        settings.update(loss_type="grpo", scale_rewards="group")
+        from rl.advantages import ESTIMATORS
+
+        # Ours grpo: group mean and std (1e-4 added), k3 KL loss term weighted by pi / pi_old
+        # (bias-corrected, TRL's default too), per-answer token mean then mean over answers.
+        settings.update(loss_type="grpo", scale_rewards="group", use_bias_correction_kl=ESTIMATORS["grpo"].kl_bias_correction)
     else:
         # Ours rloo: the leave-one-out advantage as is, k1 KL in the reward. TRL's RLOO has no loss
         # aggregation setting: it takes the ratio of whole-answer log-probs, averaged over answers,

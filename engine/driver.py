@@ -222,6 +222,7 @@ def objective(cfg) -> Objective:
         kl_in_loss=(cfg.kl_penalty or estimator.kl_penalty) == "loss",
         kl_estimator=cfg.kl_estimator or estimator.kl_estimator,
         aggregation=cfg.loss_aggregation or estimator.aggregation,
+        kl_bias_correction=estimator.kl_bias_correction if cfg.kl_bias_correction is None else cfg.kl_bias_correction,
         group_size=cfg.samples_per_prompt,
     )
 

@@ -24,6 +24,7 @@ class Objective:
     kl_in_loss: bool  # the KL is a loss term (else it is shaped into the rewards)
     kl_estimator: str  # k1, k2 or k3 (rl/kl.py), for the loss term
     aggregation: str  # token_mean, sequence_mean or constant (rl/losses.py)
+    kl_bias_correction: bool = False  # the KL loss term weighted by pi / pi_old (rl/losses.py's kl_loss)
     group_size: int = 1  # K answers per prompt; minibatches shuffle whole groups
 
 
@@ -121,7 +122,8 @@ def microbatch_loss(learner: Learner, mb: Rollout, outputs, targets, kl_coef: fl
         loss = loss + cfg.vf_coef * vf_loss
         stats.update({"loss/value": vf_loss, "value/clipfrac": vf_stats["vf_clipfrac"], "value/explained_variance": vf_stats["explained_variance"]})
     if objective.kl_in_loss:
-        kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, objective.kl_estimator, aggregate)
+        old = mb.logprobs if objective.kl_bias_correction else None
+        kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, objective.kl_estimator, aggregate, old_logprobs=old)
         loss = loss + kl_coef * kl_term
         stats["loss/kl"] = kl_term
     if ptx_loss is not None:

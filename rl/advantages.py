@@ -173,15 +173,19 @@ class Estimator:
     """Default KL estimator, a name in rl/kl.py's KL_ESTIMATORS."""
     aggregation: str = "token_mean"
     """Default loss aggregation, a name in rl/losses.py's AGGREGATIONS."""
+    kl_bias_correction: bool = False
+    """Default for a KL loss term: weighted by pi / pi_old, so that its gradient is the
+    reverse KL's (rl/losses.py's kl_loss)."""
 
 
 # The defaults follow each method's anchor: DeepSeekMath and TRL's GRPOTrainer (k3 loss
-# term, per-sequence mean), TRL's loss_type="dr_grpo", TRL's RLOOTrainer (k1 in the
-# reward, the answer's summed log-prob as one action), OpenRLHF's REINFORCE++-baseline example (k2 loss term).
+# term, per-sequence mean, and, as in TRL 1.16, the bias-corrected KL gradient of
+# DeepSeek-V3.2), TRL's loss_type="dr_grpo", TRL's RLOOTrainer (k1 in the reward, the
+# answer's summed log-prob as one action), OpenRLHF's REINFORCE++-baseline example (k2 loss term).
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(whitened_gae, needs_values=True),
-    "grpo": Estimator(grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="sequence_mean"),
-    "dr_grpo": Estimator(dr_grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="constant"),
+    "grpo": Estimator(grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="sequence_mean", kl_bias_correction=True),
+    "dr_grpo": Estimator(dr_grpo, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k3", aggregation="constant", kl_bias_correction=True),
     "rloo": Estimator(rloo, needs_values=False, needs_groups=True, aggregation="sequence_sum"),
     "reinforce_baseline": Estimator(reinforce_baseline, needs_values=False, needs_groups=True, kl_penalty="loss", kl_estimator="k2"),
 }

@@ -127,15 +127,30 @@ def value_loss(
 
 
 def kl_loss(
-    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str, aggregate: Callable[[Tensor, Tensor], Tensor]
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kind: str,
+    aggregate: Callable[[Tensor, Tensor], Tensor],
+    old_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The `kind` estimate of KL(pi || pi_ref) (rl/kl.py), aggregated: the term the
     driver adds as kl_coef * kl_loss when the KL sits beside the policy loss rather
     than in the reward (DeepSeekMath eq. 3 with k3).
+
+    With `old_logprobs` (those the tokens were sampled with), each token's estimate is
+    weighted by the ratio pi / pi_old (DeepSeek-V3.2, arXiv:2512.02556; TRL's
+    use_bias_correction_kl). On-policy the ratio is 1, so the loss's value does not
+    change, but its gradient does: k3's own gradient, (1 - pi_ref/pi) grad log pi, is
+    not the gradient of the KL it estimates; with the ratio's score term added it is
+    (log pi - log pi_ref) grad log pi, the unbiased reverse-KL gradient per token.
 
     All inputs (batch, response_len). stats: kl, the detached mean over real tokens.
     """
     kl = per_token_kl(logprobs, ref_logprobs, mask, kind)
     with torch.no_grad():
         stats = {"kl": masked_mean(kl, mask)}
+    if old_logprobs is not None:
+        # zero off the mask before the exp, as policy_loss does, so junk there cannot make the gradient nan
+        kl = kl * torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs)))
     return aggregate(kl, mask), stats

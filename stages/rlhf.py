@@ -109,6 +109,12 @@ class RlhfConfig:
     kl_estimator: Literal["k1", "k2", "k3"] | None = None
     """The KL estimator of the loss term (rl/kl.py). null: the estimator's (grpo, dr_grpo:
     k3; reinforce_baseline: k2). The reward shaping always uses k1, the exact log ratio."""
+    kl_bias_correction: bool | None = None
+    """With the KL as a loss term: weigh each token's KL by pi / pi_old, 1 in value but
+    not in gradient, which makes the term's gradient the reverse KL's rather than the
+    estimator's own (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default in
+    TRL 1.16). null: the estimator's (grpo, dr_grpo: true, as TRL; reinforce_baseline:
+    false, as OpenRLHF). Not for a KL shaped into the reward."""
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant", "sequence_sum"] | None = None
     """How the per-token loss is averaged: over every token of the microbatch, per answer
     then over answers (GRPO's paper), summed over max_new_tokens per answer (Dr. GRPO), or
@@ -200,6 +206,8 @@ class RlhfConfig:
             raise SettingError("samples_per_prompt", f"must divide batch_size ({self.batch_size}): a step rolls out whole groups, got {self.samples_per_prompt}")
         if ESTIMATORS[self.advantage].needs_groups and self.samples_per_prompt < 2:
             raise SettingError("samples_per_prompt", f"must be at least 2 for advantage {self.advantage} (the group is the baseline), got {self.samples_per_prompt}")
+        if self.kl_bias_correction and (self.kl_penalty or ESTIMATORS[self.advantage].kl_penalty) == "reward":
+            raise SettingError("kl_bias_correction", f"weighs a KL loss term, and advantage {self.advantage} here shapes the KL into the reward; set kl_penalty: loss or drop it")
 
     def unused(self) -> set[str]:
         from rl.advantages import ESTIMATORS

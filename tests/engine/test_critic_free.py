@@ -39,6 +39,7 @@ def test_each_estimator_raises_a_planted_reward_with_bounded_kl_and_no_value(pol
     assert metrics["advantage"] == advantage and metrics["samples_per_prompt"] == 4
     kl_in_loss = advantage != "rloo"  # the anchors' defaults: RLOO shapes k1 into the reward, the others add a KL loss term
     assert metrics["objective"]["kl_in_loss"] is kl_in_loss
+    assert metrics["objective"]["kl_bias_correction"] is (advantage in ("grpo", "dr_grpo")), "TRL 1.16's default for its GRPO losses"
     assert ("loss/kl" in rows[0]) is kl_in_loss
     if kl_in_loss:
         assert all(r["objective/non_score_reward"] == 0 for r in rows), "no KL is shaped into the reward when it is a loss term"
@@ -111,3 +112,27 @@ def test_a_reward_function_failing_mid_run_names_the_prompt(policy_dir, planted_
     assert "prompt '" in message and "\n" not in message, message
     assert isinstance(caught.value, ConfigError), "the CLI prints it as one line and exits 2"
     assert not (tmp_path / "model.safetensors").exists(), "no policy was saved"
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_the_update_takes_the_kl_gradient_the_objective_names(corrected):
+    """microbatch_loss hands the old log-probs to the KL term exactly when the objective
+    says so: the KL's gradient is then (log pi - log pi_ref) per token, else k3's own."""
+    import math
+    from types import SimpleNamespace
+
+    from engine.update import Objective, microbatch_loss
+    from rl.trajectory import Rollout
+
+    logprobs = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    mb = Rollout(queries=torch.zeros(1, 1, dtype=torch.long), query_mask=torch.ones(1, 1), responses=torch.zeros(1, 2, dtype=torch.long), response_mask=mask, ended=torch.ones(1, dtype=torch.bool), ref_logprobs=ref)
+    mb.set_old(logprobs.detach(), None)
+    objective = Objective(kl_in_loss=True, kl_estimator="k3", aggregation="sequence_mean", kl_bias_correction=corrected)
+    learner = SimpleNamespace(settings=SimpleNamespace(max_new_tokens=2, clip_range=0.2), objective=objective)
+    loss, stats = microbatch_loss(learner, mb, (logprobs, None, torch.zeros(1, 2), None), (torch.zeros(1, 2), None), kl_coef=0.5)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    # zero advantages: only the KL term moves; per token 0.5 * d/dlp / 2 tokens
+    expected = [0.5 * (lp - r) / 2 for lp, r in ((-1.0, -1.5), (-2.0, -1.0))] if corrected else [0.5 * (1 - math.exp(r - lp)) / 2 for lp, r in ((-1.0, -1.5), (-2.0, -1.0))]
+    torch.testing.assert_close(grad, torch.tensor([expected], dtype=torch.float64))

@@ -293,14 +293,48 @@ def test_kl_loss_aggregates_and_reports_the_token_mean():
     assert loss.requires_grad and not stats["kl"].requires_grad
 
 
+
+def kl_case():
+    lp = t64([[-1.0, -2.0, 7.0], [-1.0, 7.0, 7.0]]).requires_grad_()  # 7.0: junk off the mask
+    ref = t64([[-1.5, -1.0, -3.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    return lp, ref, mask
+
+
+def test_bias_corrected_kl_keeps_the_value_and_takes_the_reverse_kl_gradient():
+    lp, ref, mask = kl_case()
+    old = torch.where(mask, lp.detach(), torch.full_like(ref, INVALID_LOGPROB))  # on-policy, junk off the mask
+    aggregate = losses.aggregator("sequence_mean", 3)
+    corrected, _ = losses.kl_loss(lp, ref, mask, "k3", aggregate, old_logprobs=old)
+    plain, _ = losses.kl_loss(lp, ref, mask, "k3", aggregate)
+    # k3 per token, r = ref - lp: row 0 r = (-0.5, 1.0): (e^-0.5 - 0.5, e - 2), row 1 r = 0: 0
+    close(corrected, ((math.exp(-0.5) - 0.5 + math.e - 2) / 2 + 0) / 2)
+    close(corrected, plain)  # the ratio is 1 on-policy
+    (grad,) = torch.autograd.grad(corrected, lp)
+    # (lp - ref) per token times the sequence mean's weight 1/(2 tokens)/(2 rows): 0.5/4, -1/4; row 1: 0
+    close(grad, [[0.125, -0.25, 0.0], [0.0, 0.0, 0.0]])
+    (plain_grad,) = torch.autograd.grad(plain, lp)
+    # k3's own gradient (1 - e^r) / 4: what the correction replaces
+    close(plain_grad, [[(1 - math.exp(-0.5)) / 4, (1 - math.e) / 4, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_bias_corrected_kl_off_policy_is_weighted_by_the_ratio():
+    lp, ref, mask = kl_case()
+    old = lp.detach() - 0.1  # the policy has moved since sampling: ratio e^0.1 on every token
+    aggregate = losses.aggregator("token_mean", 3)
+    corrected, stats = losses.kl_loss(lp, ref, mask, "k3", aggregate, old_logprobs=old)
+    plain, plain_stats = losses.kl_loss(lp, ref, mask, "k3", aggregate)
+    close(corrected, math.exp(0.1) * plain)
+    close(stats["kl"], plain_stats["kl"])  # the reported KL is the estimate itself
+
 # ----------------------------------------------------------------------------- the table
 
 DEFAULTS = {
-    "gae": (True, False, "reward", "k1", "token_mean"),
-    "grpo": (False, True, "loss", "k3", "sequence_mean"),
-    "dr_grpo": (False, True, "loss", "k3", "constant"),
-    "rloo": (False, True, "reward", "k1", "sequence_sum"),
-    "reinforce_baseline": (False, True, "loss", "k2", "token_mean"),
+    "gae": (True, False, "reward", "k1", "token_mean", False),
+    "grpo": (False, True, "loss", "k3", "sequence_mean", True),
+    "dr_grpo": (False, True, "loss", "k3", "constant", True),
+    "rloo": (False, True, "reward", "k1", "sequence_sum", False),
+    "reinforce_baseline": (False, True, "loss", "k2", "token_mean", False),
 }
 
 
@@ -310,7 +344,7 @@ def test_every_estimator_names_known_defaults(name):
     assert e.kl_penalty in ("reward", "loss")
     assert e.kl_estimator in kl.KL_ESTIMATORS
     assert e.aggregation in losses.AGGREGATIONS
-    assert (e.needs_values, e.needs_groups, e.kl_penalty, e.kl_estimator, e.aggregation) == DEFAULTS[name]
+    assert (e.needs_values, e.needs_groups, e.kl_penalty, e.kl_estimator, e.aggregation, e.kl_bias_correction) == DEFAULTS[name]
 
 
 def test_gae_entry_is_unchanged():

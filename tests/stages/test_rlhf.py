@@ -46,6 +46,8 @@ def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, plan
     ("method: lora\n  lora: {dropout: 1.5}", "rlhf.lora.dropout: must be in [0, 1), got 1.5"),
     ("value_layers: 0", "rlhf.value_layers: must be at least 1 (or null for every layer), got 0"),
     ("value_model: reward", "rlhf.value_model: reward needs method: lora"),
+    ("kl_bias_correction: true", "rlhf.kl_bias_correction: weighs a KL loss term, and advantage gae here shapes the KL into the reward"),
+    ("advantage: grpo\n  samples_per_prompt: 4\n  kl_penalty: reward\n  kl_bias_correction: true", "rlhf.kl_bias_correction: weighs a KL loss term"),
 ])
 def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, message):
     path = tmp_path / "run.yaml"
