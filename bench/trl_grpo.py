@@ -13,7 +13,10 @@ them; KL coefficient 0.05 (GRPO: a k3 loss term; RLOO: k1 in the reward); the re
 is the demo's gold judge as a function (`demo.rewards:gold`), raw; fp32, same device.
 The run trains on the first steps x prompts-per-step prompts of
 configs/data/demo_prompts.jsonl, each seen once (in each side's own shuffled order);
-round r uses seed --seed + r on both sides.
+round r uses seed --seed + r on both sides. `--sides ours` reruns our side alone after
+a change to it: TRL's runs are deterministic on a CPU for a seed (seed 8's policy scored
+the same gain on 2026-12-01 as in section 24), so its gains from an earlier file stand,
+seed for seed; time and memory ratios need both sides in the same round.
 
 Per run: seconds per step (the first is warm-up and left out of the median), episodes
 per second, the process's peak RSS (loading, training and saving the policy), the
@@ -71,12 +74,12 @@ def median(values) -> float:
     return round(statistics.median(values), 4)
 
 
-def summarize(rows: list[dict], algos: list[str]) -> dict:
-    """Per algorithm: each side's medians over rounds, then ours/TRL."""
+def summarize(rows: list[dict], algos: list[str], ran: list[str]) -> dict:
+    """Per algorithm: each side's medians over rounds, then ours/TRL when both ran."""
     summary = {}
     for algo in algos:
         sides = {}
-        for side in SIDES:
+        for side in ran:
             mine = [r for r in rows if r["algo"] == algo and r["side"] == side]
             sides[side] = {
                 "seconds_per_step": median(r["seconds_per_step_median"] for r in mine),
@@ -89,6 +92,9 @@ def summarize(rows: list[dict], algos: list[str]) -> dict:
                 "train_reward_last": median(r["train_reward_first_last"][1] for r in mine),
                 "rounds": len(mine),
             }
+        if len(sides) < 2:
+            summary[algo] = sides
+            continue
         trl, ours = sides["trl"], sides["ours"]
         # Same-round ratios: the machine's speed drifts between rounds (bench/RESULTS.md).
         by_round = {(r["round"], r["side"]): r for r in rows if r["algo"] == algo}
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step; each gets K = 4 answers")
     parser.add_argument("--algos", default="grpo,rloo", help="comma-separated: grpo, rloo")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: trl, ours (both, in that order within a round, for the ratios)")
     parser.add_argument("--seed", type=int, default=0, help="round r trains with seed SEED + r, on both sides")
     parser.add_argument("--eval-prompts", type=int, default=64, help=f"held-out prompts scored before and after (from {EVAL_PROMPTS})")
     parser.add_argument("--eval-seed", type=int, default=1234, help="the sampling seed of every scoring, so all policies share one random stream")
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     algos = [a for a in args.algos.split(",") if a]
     if not algos or set(algos) - {"grpo", "rloo"}:
         parser.error(f"--algos: expected grpo and/or rloo, got {args.algos!r}")
+    sides = [s for s in SIDES if s in args.sides.split(",")]
+    if not sides or set(args.sides.split(",")) - set(SIDES):
+        parser.error(f"--sides: expected trl and/or ours, got {args.sides!r}")
     if min(args.steps, args.rounds, args.prompts_per_step, args.eval_prompts) < 1:
         parser.error("--steps, --rounds, --prompts-per-step and --eval-prompts must be at least 1")
     sft = args.run / "sft"
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, settings = [], {side: {} for side in SIDES}
     for n in range(args.rounds):
         for algo in algos:
-            for side in SIDES:
+            for side in sides:
                 name, seed = f"r{n}-{algo}-{side}", args.seed + n
                 print(f"[trl_grpo] round {n + 1}/{args.rounds}: {algo}, {side} ...", file=sys.stderr, flush=True)
                 row = child(["train", "--side", side, "--algo", algo, "--seed", str(seed), "--out", str(work / name), *common], work / f"{name}.log")
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(work / name)  # 0.5 GB per SmolLM2 policy: keep only the logs
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    summary = summarize(rows, algos)
+    summary = summarize(rows, algos, sides)
     setup = {**SETUP, "steps": args.steps, "prompts_per_step": args.prompts_per_step,
              "episodes_per_step": args.prompts_per_step * SETUP["samples_per_prompt"],
              "episodes": args.steps * args.prompts_per_step * SETUP["samples_per_prompt"],
