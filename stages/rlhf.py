@@ -219,6 +219,8 @@ class RlhfConfig:
             unused |= {"value_model", "value_layers", "vf_coef", "clip_range_value", "lam"}
         if self.kl_target is None:
             unused.add("kl_horizon")
+        if (self.kl_penalty or ESTIMATORS[self.advantage].kl_penalty) == "reward":
+            unused.add("kl_bias_correction")  # and a PPO run keeps the fingerprint it had before the setting existed
         return unused
 
 

@@ -55,3 +55,15 @@ def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, m
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert message in str(error.value) and str(error.value).startswith(f"{path}:")
+
+
+def test_kl_bias_correction_enters_the_fingerprint_only_where_a_kl_loss_term_is():
+    from pipeline.config import fingerprint_view
+    from stages.rlhf import RlhfConfig
+
+    def view(**settings):
+        return fingerprint_view(RlhfConfig(batch_size=8, minibatch_size=8, **settings), str)
+
+    assert "kl_bias_correction" not in view(), "a PPO run (KL in the reward) keeps its fingerprint"
+    assert view(advantage="grpo", samples_per_prompt=4)["kl_bias_correction"] is None
+    assert view(advantage="grpo", samples_per_prompt=4, kl_bias_correction=False)["kl_bias_correction"] is False
