@@ -6,7 +6,9 @@ With r = log pi_ref - log pi, the log ratio of a sampled token:
     k2 = 0.5 * r^2            biased, low variance, >= 0
     k3 = exp(r) - 1 - r       unbiased, low variance, >= 0
 Each function here takes log pi - log pi_ref (that is, -r), the sign the rewards use.
-All (batch, response_len); pure torch.
+All (batch, response_len); pure torch. "Unbiased" is about the estimate's value: as a loss
+term, an estimate's own gradient is not the KL's gradient (rl/losses.py's kl_loss says
+what corrects it).
 """
 
 from __future__ import annotations
