@@ -219,7 +219,7 @@ def objective(cfg) -> Objective:
     """The loss's choices: the settings where given, else the estimator's (rl/advantages.py)."""
     estimator = ESTIMATORS[cfg.advantage]
     return Objective(
-        kl_in_loss=(cfg.kl_penalty or estimator.kl_penalty) == "loss",
+        kl_in_loss=not cfg.kl_in_reward(),
         kl_estimator=cfg.kl_estimator or estimator.kl_estimator,
         aggregation=cfg.loss_aggregation or estimator.aggregation,
         kl_bias_correction=estimator.kl_bias_correction if cfg.kl_bias_correction is None else cfg.kl_bias_correction,

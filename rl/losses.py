@@ -65,6 +65,12 @@ def aggregator(name: str, max_len: int) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda values, mask: aggregate(values, mask, max_len)
 
 
+def masked_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """log pi - log pi_old on the mask, 0 off it: exp of the junk there would be inf, and
+    inf in the unselected branch of a where still turns the gradient into nan."""
+    return torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -81,9 +87,7 @@ def policy_loss(
     ratio_max, ratio_min.
     """
     mask = mask.bool()
-    # Zero the log-ratio off the mask: exp of junk there would be inf, and inf in the
-    # unselected branch of a where still turns the gradient into nan.
-    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    logratio = masked_log_ratio(logprobs, old_logprobs, mask)
     ratio = torch.exp(logratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -151,6 +155,5 @@ def kl_loss(
     with torch.no_grad():
         stats = {"kl": masked_mean(kl, mask)}
     if old_logprobs is not None:
-        # zero off the mask before the exp, as policy_loss does, so junk there cannot make the gradient nan
-        kl = kl * torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs)))
+        kl = kl * torch.exp(masked_log_ratio(logprobs, old_logprobs, mask))
     return aggregate(kl, mask), stats

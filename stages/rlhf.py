@@ -206,8 +206,14 @@ class RlhfConfig:
             raise SettingError("samples_per_prompt", f"must divide batch_size ({self.batch_size}): a step rolls out whole groups, got {self.samples_per_prompt}")
         if ESTIMATORS[self.advantage].needs_groups and self.samples_per_prompt < 2:
             raise SettingError("samples_per_prompt", f"must be at least 2 for advantage {self.advantage} (the group is the baseline), got {self.samples_per_prompt}")
-        if self.kl_bias_correction and (self.kl_penalty or ESTIMATORS[self.advantage].kl_penalty) == "reward":
+        if self.kl_bias_correction and self.kl_in_reward():
             raise SettingError("kl_bias_correction", f"weighs a KL loss term, and advantage {self.advantage} here shapes the KL into the reward; set kl_penalty: loss or drop it")
+
+    def kl_in_reward(self) -> bool:
+        """The KL is shaped into the reward (kl_penalty, else the estimator's choice)."""
+        from rl.advantages import ESTIMATORS
+
+        return (self.kl_penalty or ESTIMATORS[self.advantage].kl_penalty) == "reward"
 
     def unused(self) -> set[str]:
         from rl.advantages import ESTIMATORS
@@ -219,7 +225,7 @@ class RlhfConfig:
             unused |= {"value_model", "value_layers", "vf_coef", "clip_range_value", "lam"}
         if self.kl_target is None:
             unused.add("kl_horizon")
-        if (self.kl_penalty or ESTIMATORS[self.advantage].kl_penalty) == "reward":
+        if self.kl_in_reward():
             unused.add("kl_bias_correction")  # and a PPO run keeps the fingerprint it had before the setting existed
         return unused
 
