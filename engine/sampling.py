@@ -79,18 +79,25 @@ def sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max
     """Token by token with a KV cache; temperature 0 is greedy. The draw is by inverse
     CDF (one uniform number per row), the same categorical distribution `generate`
     samples with multinomial but without its vocabulary-sized exponential draw, which
-    costs about a tenth of the generation time on a CPU."""
+    costs about a tenth of the generation time on a CPU. A prompt repeated in the batch
+    (the K answers of a group) is read once and its cache copied to each of its rows:
+    the prompt's forward was about a fifth of a GRPO rollout's generation time at K = 4."""
     from transformers import DynamicCache
 
     batch = queries.shape[0]
     mask = query_mask.clone()
     positions = position_ids(mask)
-    step_input, cache = queries, DynamicCache()
+    cache = DynamicCache()
+    shared = repeated_prompts(queries, query_mask)
+    rows = slice(None) if shared is None else shared[0]
+    logits = policy(input_ids=queries[rows], attention_mask=mask[rows], position_ids=positions[rows], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    if shared is not None:
+        cache.reorder_cache(shared[1])
+        logits = logits[shared[1]]
     responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=queries.dtype, device=queries.device)
     done = torch.zeros(batch, dtype=torch.bool, device=queries.device)
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=queries.device)
     for t in range(max_new_tokens):
-        logits = policy(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         if temperature > 0:
             cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
             u = torch.rand(batch, 1, device=cdf.device) * cdf[:, -1:]
@@ -99,12 +106,24 @@ def sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max
             token = logits.argmax(-1)
         responses[:, t] = torch.where(done, torch.full_like(token, pad_token_id), token)
         done |= torch.isin(token, eos)
-        if done.all():
+        if done.all() or t == max_new_tokens - 1:
             break
         step_input = token.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
         positions = positions[:, -1:] + 1
+        logits = policy(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
     return responses
+
+
+def repeated_prompts(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a batch whose rows repeat: the first row of each distinct prompt, and each
+    row's index among those. None when every row is distinct."""
+    distinct, inverse = torch.unique(torch.cat([queries, query_mask.to(queries.dtype)], 1), dim=0, return_inverse=True)
+    if len(distinct) == len(queries):
+        return None
+    order = torch.arange(len(queries), device=queries.device)
+    first = torch.full((len(distinct),), len(queries), device=queries.device).scatter_reduce(0, inverse, order, "amin")
+    return first, inverse
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ tokens, the same temperature-scaled distribution, pad after the EOS."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -63,3 +65,39 @@ def test_sampling_follows_the_temperature_scaled_distribution(policy):
     for token in top.tolist():  # each frequent token within 4 standard errors of its probability
         p = probs[token].item()
         assert abs(counts[token].item() / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (token, counts[token].item() / n, p)
+
+
+def test_a_repeated_prompt_is_read_once_and_sampled_as_if_alone(policy):
+    """The K answers of a group repeat one prompt: its forward runs once and its cache
+    is copied to each row, in any order, with the tokens `generate` gives every row."""
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights large enough that the greedy answer depends on the prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0)
+    queries, mask = prompts(tokenizer, ["Hi", "Spell cat backwards, please.", "Hi", "Hi", "Spell cat backwards, please."])
+    config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    rows_read = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: rows_read.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        ours = sampling.sample(model, queries, mask, config)
+    finally:
+        hook.remove()
+    assert rows_read[0] == (2, queries.shape[1])  # the prompt forward: two distinct prompts
+    assert all(shape == (5, 1) for shape in rows_read[1:])
+    theirs = model.generate(input_ids=queries, attention_mask=mask, generation_config=config)[:, queries.shape[1] :]
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+    assert torch.equal(ours[0], ours[2]) and torch.equal(ours[1], ours[4])
+    assert not torch.equal(ours[0], ours[1])  # so a row given the other prompt's cache would show
+
+
+def test_repeated_prompts_names_each_rows_first_copy():
+    queries = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [1, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    first, index = sampling.repeated_prompts(queries, mask)
+    assert torch.equal(queries[first][index], queries) and torch.equal(mask[first][index], mask)
+    assert sorted(first.tolist()) == [0, 1, 4]
+    assert sampling.repeated_prompts(queries[:2], mask[:2]) is None
+    # the same ids under a different mask are a different prompt
+    assert sampling.repeated_prompts(queries[:1].repeat(2, 1), torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
