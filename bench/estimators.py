@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file for the raw results")
     args = parser.parse_args()
     names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:  # before any training
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     trained = {}
     for name in names:
         trained[name] = train(name, args.run, args.work)
