@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/default", type=Path, help="the default run (its base, sft, rm and rlhf)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--work", default="runs/estimators", type=Path, help="variant runs go to <work>-<variant>/, the eval to <work>-eval/")
+    parser.add_argument("--work", default="runs/estimators", type=Path, help="variant runs go to <work>-<variant>/, the eval to <work>-eval/eval/")
     parser.add_argument("--out", type=Path, help="JSON file for the raw results")
     args = parser.parse_args()
     names = [n for n in args.variants.split(",") if n]
@@ -77,7 +77,7 @@ def main() -> None:
     for name in names:
         trained[name] = train(name, args.run, args.work)
         print(json.dumps({"variant": name, **trained[name]}), flush=True)
-    metrics = evaluate(trained, args.run, Path(f"{args.work}-eval"))
+    metrics = evaluate(trained, args.run, Path(f"{args.work}-eval") / "eval")  # a run folder: the stage copies its report one level up
     ppo = json.loads((args.run / "rlhf" / "manifest.json").read_text())
     trained = {"rlhf": {"folder": str(args.run / "rlhf"), "wall_seconds": ppo["timings"]["seconds"], **{k: ppo["metrics"][k] for k in ("episodes", "seconds_per_step", "mean_scores_first", "mean_scores_last", "final_kl")}}, **trained}
     result = {"variants": {name: {"settings": VARIANTS.get(name, "the default (PPO, GAE)"), **row} for name, row in trained.items()}, "eval": metrics}
