@@ -84,13 +84,17 @@ def sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max
     the prompt's forward was about a fifth of a GRPO rollout's generation time at K = 4."""
     from transformers import DynamicCache
 
+    cache = DynamicCache()
+
+    def next_logits(ids, mask, positions):  # the last position's logits, the cache extended
+        return policy(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
     batch = queries.shape[0]
     mask = query_mask.clone()
     positions = position_ids(mask)
-    cache = DynamicCache()
     shared = repeated_prompts(queries, query_mask)
     rows = slice(None) if shared is None else shared[0]
-    logits = policy(input_ids=queries[rows], attention_mask=mask[rows], position_ids=positions[rows], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    logits = next_logits(queries[rows], mask[rows], positions[rows])
     if shared is not None:
         cache.reorder_cache(shared[1])
         logits = logits[shared[1]]
@@ -111,7 +115,7 @@ def sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max
         step_input = token.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
         positions = positions[:, -1:] + 1
-        logits = policy(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        logits = next_logits(step_input, mask, positions)
     return responses
 
 
