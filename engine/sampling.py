@@ -87,7 +87,7 @@ def sample_plain(policy: nn.Module, queries, query_mask, temperature: float, max
     cache = DynamicCache()
 
     def next_logits(ids, mask, positions):  # the last position's logits, the cache extended
-        return policy(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        return policy(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
     batch = queries.shape[0]
     mask = query_mask.clone()

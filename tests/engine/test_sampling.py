@@ -4,6 +4,7 @@ tokens, the same temperature-scaled distribution, pad after the EOS."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def test_greedy_matches_generate_token_for_token(policy):
     ours = sampling.sample(model, queries, mask, config)
     theirs = model.generate(input_ids=queries, attention_mask=mask, generation_config=config)[:, queries.shape[1] :]
     assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+
+
+def test_sampling_uses_no_deprecated_model_argument(policy):
+    """transformers 5.24 renamed the forward's past_key_values to cache and drops the old name in
+    5.40, which pyproject's <6 admits: sampling must not lean on the old name."""
+    model, tokenizer = policy
+    queries, mask = prompts(tokenizer, ["What is 2 + 2?", "Hi"])
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sampling.sample(model, queries, mask, config)
 
 
 def test_tokens_after_the_eos_are_pad(policy):
