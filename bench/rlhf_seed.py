@@ -1,0 +1,50 @@
+"""The default's rlhf stage again with a seed of its own, on a reward model you name, then its eval.
+
+    python -m bench.rlhf_seed --rm runs/default/rm --seed 1 --out runs/seed1
+
+PPO's outcome varies with its seed, but `run.seed` is the whole run's: changing it rebuilds sft
+and rm too. This runs only the rlhf stage (configs/default.yaml's settings, the run's SFT model as
+policy and reference) with `--seed`, then the eval stage with seed 0, so SFT's answers are the
+same stream every other eval of the default drew. Prints one JSON line with the timings; the
+report is OUT/eval/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rm", required=True, type=Path, help="a finished rm folder (the reward PPO trains on)")
+    parser.add_argument("--seed", required=True, type=int, help="rlhf's seed")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for rlhf/ and eval/")
+    parser.add_argument("--run", default=Path("runs/default"), type=Path, help="the run whose base and sft to use (default runs/default)")
+    parser.add_argument("--samples", default=4, type=int, help="answers per eval prompt (default 4)")
+    args = parser.parse_args(argv)
+    # Checked before anything trains, so a typo costs nothing and overwrites nothing.
+    for folder in (args.rm, args.run / "base", args.run / "sft"):
+        if not (folder / "manifest.json").is_file():
+            parser.error(f"{folder}: not a finished stage folder (no manifest.json)")
+    if args.out.exists():
+        parser.error(f"--out {args.out}: exists; give a new folder")
+
+    from pipeline import config as configuration
+    from stages import config_classes, evaluation, rlhf
+
+    cfg = configuration.load("configs/default.yaml", [f"eval.samples_per_prompt={args.samples}"], config_classes())
+    start = time.time()
+    rlhf.run(cfg.stages["rlhf"], {"sft": args.run / "sft", "rm": args.rm}, args.out / "rlhf", args.seed)
+    rlhf_s = time.time() - start
+    start = time.time()
+    policies = {"base": args.run / "base", "sft": args.run / "sft", "rm": args.rm, "rlhf": args.out / "rlhf"}
+    evaluation.run(cfg.stages["eval"], policies, args.out / "eval", 0)
+    print(json.dumps({"rm": str(args.rm), "seed": args.seed, "rlhf_seconds": round(rlhf_s), "eval_seconds": round(time.time() - start)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
