@@ -38,14 +38,22 @@ VARIANTS = {  # the PPO default itself is the default run's rlhf, "rlhf" in the 
 }
 
 
-def train(name: str, run_dir: Path, out_root: Path) -> dict:
-    """The rlhf stage for one variant, in a process of its own; returns its wall time and manifest metrics."""
-    sets = [f"run.name={out_root.name}-{name}", f"run.output_dir={out_root.parent}", f"rlhf.init_from={run_dir / 'sft'}", f"rlhf.reward_model={run_dir / 'rm'}"]
-    # Quoted: the CLI splits a --set value on spaces the way make passes SET="a=1 b=2".
-    sets += [f"rlhf.{key}={shlex.quote(json.dumps(value))}" for key, value in VARIANTS[name].items()]
+def run_rlhf(work: Path, run_dir: Path, sets: list[str]) -> Path:
+    """The default config's rlhf stage alone, in a run of its own at `work` and in a process of
+    its own: `run_dir`'s SFT model as policy and reference, `run_dir`'s rm as the reward unless
+    `sets` names another (later --set wins); nothing of `run_dir` is rebuilt, and the runner
+    reuses or resumes `work`'s stage. Returns the rlhf folder."""
+    sets = [f"run.name={work.name}", f"run.output_dir={work.parent}", f"rlhf.init_from={run_dir / 'sft'}", f"rlhf.reward_model={run_dir / 'rm'}", *sets]
     command = [sys.executable, "-m", "pipeline", "run", "rlhf", "--config", "configs/default.yaml"] + [arg for s in sets for arg in ("--set", s)]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    folder = out_root.parent / f"{out_root.name}-{name}" / "rlhf"
+    return work / "rlhf"
+
+
+def train(name: str, run_dir: Path, out_root: Path) -> dict:
+    """The rlhf stage for one variant, in a process of its own; returns its wall time and manifest metrics."""
+    # Quoted: the CLI splits a --set value on spaces the way make passes SET="a=1 b=2".
+    sets = [f"rlhf.{key}={shlex.quote(json.dumps(value))}" for key, value in VARIANTS[name].items()]
+    folder = run_rlhf(out_root.parent / f"{out_root.name}-{name}", run_dir, sets)
     manifest = json.loads((folder / "manifest.json").read_text())
     metrics = manifest["metrics"]  # a variant already built is reused by the runner: its build time is in the manifest
     return {"folder": str(folder), "wall_seconds": manifest["timings"]["seconds"], "episodes": metrics["episodes"], "seconds_per_step": metrics["seconds_per_step"],

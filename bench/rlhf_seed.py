@@ -2,11 +2,12 @@
 
     python -m bench.rlhf_seed --rm runs/default/rm --seed 1 --out runs/seed1
 
-PPO's outcome varies with its seed, but `run.seed` is the whole run's: changing it rebuilds sft
-and rm too. This runs only the rlhf stage (configs/default.yaml's settings, the run's SFT model as
-policy and reference) with `--seed`, then the eval stage with seed 0, so SFT's answers are the
-same stream every other eval of the default drew. Prints one JSON line with the timings; the
-report is OUT/eval/report.md.
+PPO's outcome varies with its seed. This runs the rlhf stage alone, in a run of its own at OUT
+(`bench.estimators.run_rlhf`: configs/default.yaml's settings, the default run's SFT model as
+policy and reference, `run.seed` set to --seed, so nothing of the default run is rebuilt; a killed
+run resumes when started again), then the eval stage with seed 0, so SFT's answers are the same
+stream every other eval of the default drew. Prints one JSON line with the timings; the report is
+OUT/eval/report.md.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 import time
 from pathlib import Path
 
+from bench.estimators import run_rlhf
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rm", required=True, type=Path, help="a finished rm folder (the reward PPO trains on)")
     parser.add_argument("--seed", required=True, type=int, help="rlhf's seed")
-    parser.add_argument("--out", required=True, type=Path, help="new folder for rlhf/ and eval/")
+    parser.add_argument("--out", required=True, type=Path, help="the run folder for rlhf/ and eval/")
     parser.add_argument("--run", default=Path("runs/default"), type=Path, help="the run whose base and sft to use (default runs/default)")
     parser.add_argument("--samples", default=4, type=int, help="answers per eval prompt (default 4)")
     args = parser.parse_args(argv)
@@ -29,18 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (args.rm, args.run / "base", args.run / "sft"):
         if not (folder / "manifest.json").is_file():
             parser.error(f"{folder}: not a finished stage folder (no manifest.json)")
-    if args.out.exists():
-        parser.error(f"--out {args.out}: exists; give a new folder")
+    if (args.out / "eval").exists():
+        parser.error(f"--out {args.out}: already holds an eval; give a new folder")
 
     from pipeline import config as configuration
-    from stages import config_classes, evaluation, rlhf
+    from stages import config_classes, evaluation
 
     cfg = configuration.load("configs/default.yaml", [f"eval.samples_per_prompt={args.samples}"], config_classes())
     start = time.time()
-    rlhf.run(cfg.stages["rlhf"], {"sft": args.run / "sft", "rm": args.rm}, args.out / "rlhf", args.seed)
+    policy = run_rlhf(args.out, args.run, [f"run.seed={args.seed}", f"rlhf.reward_model={args.rm}"])
     rlhf_s = time.time() - start
     start = time.time()
-    policies = {"base": args.run / "base", "sft": args.run / "sft", "rm": args.rm, "rlhf": args.out / "rlhf"}
+    policies = {"base": args.run / "base", "sft": args.run / "sft", "rm": args.rm, "rlhf": policy}
     evaluation.run(cfg.stages["eval"], policies, args.out / "eval", 0)
     print(json.dumps({"rm": str(args.rm), "seed": args.seed, "rlhf_seconds": round(rlhf_s), "eval_seconds": round(time.time() - start)}))
     return 0
