@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import checkpoint as ckpt
+from pipeline.summary import duration
 
 CARD = "README.md"
 WHAT = {"base": "imports the base model", "sft": "supervised fine-tuning", "rm": "trains a reward model", "rlhf": "reinforcement learning against the reward model", "dpo": "direct preference optimisation"}
@@ -143,7 +144,7 @@ def _summary(manifest: dict, stage: str, cfg: dict, metrics: dict) -> str:
     how += [f"method `{m}`"] if (m := cfg.get("method") or metrics.get("method")) else []
     how += [f"{steps} steps"] if steps is not None else []
     attempts = timings.get("attempts") or 1
-    wall = f"{_duration(timings.get('seconds'))} wall time" + (f" (of the last of {attempts} attempts)" if attempts > 1 else "")
+    wall = f"{duration(timings.get('seconds'))} wall time" + (f" (of the last of {attempts} attempts)" if attempts > 1 else "")
     return (
         f"Stage `{stage}` ({WHAT.get(stage, 'a pipeline stage')}): {', '.join(how) or 'no method recorded'}; finished {timings.get('finished') or '?'} "
         f"after {wall} on {manifest.get('world_size', 1)} process(es). Build `{manifest.get('build_id')}`, fingerprint `{manifest.get('fingerprint')}`, seed {manifest.get('seed')}."
@@ -247,10 +248,3 @@ def _rounded(v):
 
 def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _duration(seconds) -> str:
-    if not isinstance(seconds, int | float):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

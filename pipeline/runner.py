@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline import model_card
+from pipeline import model_card, summary
 from pipeline.config import Config, as_dict, fingerprint_view, local_paths, resolve_local
 from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.stage import Stage
@@ -237,17 +237,17 @@ class Runner:
         for name in order:
             self.assess(name).stage.check(self.assess(name).cfg)
 
-        summary = []
+        done = []
         for name in involved:
             if name in order:
-                summary.append(self._run_stage(self.assess(name)))
+                done.append(self._run_stage(self.assess(name)))
             else:
                 found = self.assess(name)
-                summary.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": found.stage.headline(found.manifest.get("metrics", {}))})
+                done.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": found.stage.headline(found.manifest.get("metrics", {}))})
         if self.is_main:
             self.hashes.save()
-        self.log(format_summary(summary))
-        return summary
+        self.log(summary.format_summary(done))
+        return done
 
     def _run_stage(self, found: Assessment) -> dict:
         name, stage = found.stage.name, found.stage
@@ -307,7 +307,7 @@ class Runner:
         self.barrier()
         folder = ckpt.final_dir(self.run_dir, name)
         headline = stage.headline(metrics)
-        self.log(f"[pipeline] {name}: done in {_duration(seconds)}: {headline} -> {folder}")
+        self.log(f"[pipeline] {name}: done in {summary.duration(seconds)}: {headline} -> {folder}")
         return {"stage": name, "action": "built", "seconds": seconds, "folder": str(folder), "headline": headline}
 
     def _refresh_cards(self, found: Assessment, metrics: dict, manifest: dict) -> None:
@@ -347,29 +347,7 @@ class Runner:
 
     def status(self) -> str:
         """Each stage's state, why it is stale, how far an interrupted run got, its headline metrics and folder."""
-        rows = [f"run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})"]
-        pad = " " * 23
-        for stage in self.stages:
-            found = self.assess(stage.name)
-            if stage.name not in self.enabled and found.manifest is None and found.partial is None:
-                continue
-            if found.manifest:
-                rows.append(f"  {stage.name:<6} {found.state:<14} {stage.headline(found.manifest.get('metrics', {}))}")
-                rows.append(f"{pad}folder: {ckpt.final_dir(self.run_dir, stage.name)}")
-            elif found.partial is None:
-                rows.append(f"  {stage.name:<6} {'missing':<14} -")
-            for reason in found.reasons:
-                rows.append(f"{pad}why: {reason}")
-            if found.partial is not None:
-                resumable = found.partial.get("fingerprint") == found.fingerprint
-                at = f"at step {found.resume_step}" if found.resume_step else "before its first checkpoint"
-                then = "the next run resumes it" if resumable else "made with another config: the next run starts over"
-                if found.manifest:
-                    rows.append(f"{pad}a rerun was interrupted {at}; {then}")
-                else:
-                    rows.append(f"  {stage.name:<6} {'interrupted':<14} {at}; {then}")
-                rows.append(f"{pad}folder: {ckpt.partial_dir(self.run_dir, stage.name)}")
-        return "\n".join(rows)
+        return summary.status(self)
 
 
 def _diff(old: Any, new: Any, prefix: str):
@@ -378,19 +356,6 @@ def _diff(old: Any, new: Any, prefix: str):
             yield from _diff(old.get(key), new.get(key), f"{prefix}.{key}")
     elif old != new:
         yield prefix, old, new
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
-
-
-def format_summary(summary: list[dict]) -> str:
-    lines = ["[pipeline] summary:"]
-    for row in summary:
-        took = _duration(row["seconds"]) if "seconds" in row else ""
-        lines.append(f"  {row['stage']:<6} {row['action']:<8} {took:>8}  {row['headline']}  ({row['folder']})")
-    return "\n".join(lines)
 
 
 def _distributed(world) -> str | None:
