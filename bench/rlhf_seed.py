@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from bench import default_config, require_finished
 from bench.estimators import run_rlhf
 
 
@@ -32,19 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Checked before anything trains, so a typo costs nothing and overwrites nothing.
     for folder in (args.rm, args.run / "base", args.run / "sft"):
-        if not (folder / "manifest.json").is_file():
-            parser.error(f"{folder}: not a finished stage folder (no manifest.json)")
+        require_finished(parser, folder, str(folder))
     if (args.out / "eval").exists():
         parser.error(f"--out {args.out}: already holds an eval; give a new folder")
 
-    from pipeline import config as configuration
-    from pipeline.errors import ConfigError
-    from stages import config_classes, evaluation
+    from stages import evaluation
 
-    try:  # --set is checked here too, so a bad key or value stops before rlhf starts
-        cfg = configuration.load("configs/default.yaml", [*args.sets, f"eval.samples_per_prompt={args.samples}"], config_classes())
-    except ConfigError as error:
-        parser.error(str(error))
+    # --set is checked here too, so a bad key or value stops before rlhf starts.
+    cfg = default_config(parser, [*args.sets, f"eval.samples_per_prompt={args.samples}"])
     start = time.time()
     policy = run_rlhf(args.out, args.run, [f"run.seed={args.seed}", f"rlhf.reward_model={args.rm}", *args.sets])
     rlhf_s = time.time() - start

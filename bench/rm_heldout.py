@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench import default_config, require_finished
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,38 +26,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", default=0, type=int, help="the run seed the split used (default 0, the default config's)")
     args = parser.parse_args(argv)
     for folder in args.rms:
-        if not (folder / "manifest.json").is_file():
-            parser.error(f"--rm {folder}: not a finished stage folder (no manifest.json)")
-
-    from pipeline import config as configuration
-    from pipeline.errors import ConfigError
-    from stages import config_classes
-
-    try:
-        cfg = configuration.load("configs/default.yaml", [f"rm.data.train={args.data}"], config_classes()).stages["rm"]
-    except ConfigError as error:
-        parser.error(str(error))
-    print(json.dumps({"data": args.data, "seed": args.seed, "models": {str(folder): score(folder, cfg, args.seed) for folder in args.rms}}))
+        require_finished(parser, folder, f"--rm {folder}")
+    cfg = default_config(parser, [f"rm.data.train={args.data}"]).stages["rm"]
+    held = held_out(cfg, args.seed)
+    print(json.dumps({"data": args.data, "seed": args.seed, "models": {str(folder): score(folder, cfg, held) for folder in args.rms}}))
     return 0
 
 
-def score(folder: Path, cfg, seed: int) -> dict:
-    """`folder`'s accuracy on the held-out split of cfg.data.train, overall and by criterion."""
+def held_out(cfg, seed: int) -> tuple[list, dict]:
+    """The held-out rankings of cfg.data.train, split as the rm stage splits them, and the rows dropped."""
+    from stages import rm
+    from stages.shared import preferences
+
+    rankings, _, dropped = rm.check(cfg)
+    return preferences.split_by_prompt(rankings, cfg.data.eval_fraction, seed, "rm.data.train")[1], dropped
+
+
+def score(folder: Path, cfg, held: tuple[list, dict]) -> dict:
+    """`folder`'s accuracy on the `held` rankings, overall and by criterion."""
     from transformers import AutoModelForSequenceClassification
 
     from engine import probes
     from stages import rm
-    from stages.shared import preferences, training
+    from stages.shared import training
     from stages.shared.judge import load_judge
 
-    rankings, _, dropped = rm.check(cfg)
-    _, held = preferences.split_by_prompt(rankings, cfg.data.eval_fraction, seed, "rm.data.train")
-    tokenizer = training.load_tokenizer(folder)
-    examples = rm.encode_all(tokenizer, held, cfg, dropped, load_judge(cfg.criteria, "rm.criteria"))
+    rankings, dropped = held
+    tokenizer = training.load_tokenizer(folder)  # each model encodes with its own tokenizer
+    examples = rm.encode_all(tokenizer, rankings, cfg, dict(dropped), load_judge(cfg.criteria, "rm.criteria"))
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     result = rm.evaluate(model, examples, cfg.eval_batch_size, rm.RankingCollator(tokenizer, probes.layout_for(model)))
     return {key: result[key] for key in ("accuracy", "pairs", "accuracy_by_criterion")}
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
