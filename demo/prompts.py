@@ -7,6 +7,9 @@ SFT, reward modelling, PPO and evaluation never share a prompt:
     rl      PPO rollout prompts            configs/data/demo_prompts.jsonl
     eval    held-out evaluation prompts    configs/data/demo_eval.jsonl
 
+and then `rank_more`, more rank prompts drawn on from the same stream after the three are
+cut, so that adding it left the three sets (and the rankings made from them) as they were.
+
 The two files rebuild byte for byte with `python -m demo.prompts --seed 0`; rebuild
 them whenever demo_sft changes. Standard library only.
 """
@@ -26,6 +29,7 @@ DEFAULT_SEED = 0
 DEFAULT_PROMPTS_PATH = "configs/data/demo_prompts.jsonl"
 DEFAULT_EVAL_PATH = "configs/data/demo_eval.jsonl"
 SPLITS = {"rank": 400, "rl": 256, "eval": 64}  # sizes, in drawing order
+LATER = {"rank_more": 400}  # drawn after SPLITS are cut: growing it never moves a prompt of theirs
 KEYS = ("prompt", "task")
 
 
@@ -35,26 +39,35 @@ def _sft_prompts() -> tuple[tuple[str, str], ...]:
     return tuple((r["task"], r["prompt"]) for r in rows)
 
 
-def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS) -> dict[str, list[dict]]:
+def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS, later: dict[str, int] = LATER) -> dict[str, list[dict]]:
     """Disjoint prompt sets, {name: rows {"prompt", "task", "response"}} for each name in
-    `sizes`; "response" is a correct answer written as the SFT demonstrations are (the
-    rankings can show it to the rater beside the samples; the files keep prompt and task)."""
+    `sizes` and then `later`; "response" is a correct answer written as the SFT demonstrations
+    are (the rankings can show it to the rater beside the samples; the files keep prompt and task)."""
     sft = _sft_prompts()
     # A family leaves the rotation once the prompts demo_sft does not use run out.
     used = Counter(task for task, _ in sft)
     quotas = {name: family.capacity - used[name] for name, family in FAMILIES.items()}
     n = sum(sizes.values())
-    if n > sum(quotas.values()):
+    if n + sum(later.values()) > sum(quotas.values()):
         raise ValueError(f"can make at most {sum(quotas.values())} prompts outside demo_sft, asked for {n}")
     # The seed string still names the module's old home, demo_prefs: the shipped files come from it.
     rng = random.Random(f"demo_prefs/prompts/{seed}")
-    drawn = list(itertools.islice(draw_rows(rng, quotas, avoid=(p for _, p in sft)), n))
+    stream = draw_rows(rng, quotas, avoid=(p for _, p in sft))
+    drawn = list(itertools.islice(stream, n))
     rng.shuffle(drawn)  # any prefix is a mix of families
     out, start = {}, 0
     for name, size in sizes.items():
-        out[name] = [{"prompt": prompt, "task": task, "response": response} for task, prompt, response in drawn[start : start + size]]
+        out[name] = _rows(drawn[start : start + size])
         start += size
+    for name, size in later.items():
+        more = list(itertools.islice(stream, size))
+        rng.shuffle(more)
+        out[name] = _rows(more)
     return out
+
+
+def _rows(drawn: list[tuple[str, str, str]]) -> list[dict]:
+    return [{"prompt": prompt, "task": task, "response": response} for task, prompt, response in drawn]
 
 
 def main(argv: list[str] | None = None) -> None:

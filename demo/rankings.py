@@ -70,6 +70,7 @@ class Settings:
     limit: int | None = None
     written: bool = False
     contrast: bool = False  # with written: also its twin with the answer swapped for a mistake
+    prompt_set: str = "rank"  # or "rank_more": more rank prompts, disjoint from the first
 
 
 def make_rankings(policy: str, settings: Settings) -> tuple[list[dict], dict]:
@@ -80,14 +81,15 @@ def make_rankings(policy: str, settings: Settings) -> tuple[list[dict], dict]:
     from engine import sampling
 
     s = settings
-    rows_in = prompts.split_prompts(s.seed)["rank"][: s.limit]
+    rows_in = prompts.split_prompts(s.seed)[s.prompt_set][: s.limit]
     torch.manual_seed(s.seed)
     model, tokenizer = sampling.load(policy)
     chats = [sampling.user_prompt(r["prompt"]) for r in rows_in]
     with tqdm(total=len(chats), desc="sampling", unit="prompt") as bar:
         samples = sampling.generate(model, tokenizer, chats, sampling.Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature), s.batch_size, num_return_sequences=s.k, progress=bar)
-    # The seed string keeps the module's old name, as the shipped rankings were made with it.
-    rng = random.Random(f"demo_rankings/{s.seed}")
+    # The seed string keeps the module's old name, as the shipped rankings were made with it;
+    # another prompt set gets its own rater noise, not a replay of the first set's draws.
+    rng = random.Random(f"demo_rankings/{s.seed}" if s.prompt_set == "rank" else f"demo_rankings/{s.prompt_set}/{s.seed}")
     rows, counts = [], Counter()
     for row, responses in zip(rows_in, samples, strict=True):
         # A completion cut off at max_new_tokens is not one a rater would be shown.
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rank prompts")
+    parser.add_argument("--prompts", default="rank", choices=["rank", *prompts.LATER], help="which rank prompts (default rank; rank_more: 400 others)")
     parser.add_argument("--seed", type=int, default=prompts.DEFAULT_SEED)
     parser.add_argument("--written", action="store_true", help="also rank one demonstration-style answer per prompt")
     parser.add_argument("--contrast", action="store_true", help="with --written: also rank the written answer with its answer swapped for a plausible mistake")
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.contrast and not args.written:
         parser.error("--contrast needs --written: the contrast is the written answer made wrong")
     start = time.time()
-    settings = Settings(args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit, args.written, args.contrast)
+    settings = Settings(args.k, args.noise, args.max_new_tokens, args.temperature, args.batch_size, args.seed, args.limit, args.written, args.contrast, args.prompts)
     rows, counts = make_rankings(args.policy, settings)
     sft_data.write_jsonl(rows, args.out, KEYS)
     print(f"wrote {len(rows)} rankings to {args.out} in {time.time() - start:.0f}s: {counts}")
