@@ -27,7 +27,7 @@ def test_shipped_prompt_files_are_a_fresh_generation(tmp_path, capsys):
 def test_sets_are_disjoint_from_each_other_and_from_sft(sets):
     sft = {r["prompt"] for r in read_jsonl(SFT_FILE)}
     by_set = {name: {r["prompt"] for r in rows} for name, rows in sets.items()}
-    assert {name: len(p) for name, p in by_set.items()} == prompts.SPLITS, "no repeats inside a set"
+    assert {name: len(p) for name, p in by_set.items()} == {**prompts.SPLITS, **prompts.LATER}, "no repeats inside a set"
     names = list(by_set)
     for i, a in enumerate(names):
         assert not by_set[a] & sft, a
@@ -35,6 +35,11 @@ def test_sets_are_disjoint_from_each_other_and_from_sft(sets):
             assert not by_set[a] & by_set[b], (a, b)
     for name in ("rank", "rl", "eval"):
         assert {r["task"] for r in sets[name]} == set(FAMILIES), f"every family in {name}"
+
+
+def test_sets_drawn_later_leave_the_first_sets_as_they_were(sets):
+    # The shipped files and rankings were made before rank_more existed: adding it must not move them.
+    assert prompts.split_prompts(later={}) == {name: sets[name] for name in prompts.SPLITS}
 
 
 def test_rows_name_the_family_that_made_them(sets):

@@ -4,6 +4,7 @@ demo_rm_k8.jsonl (K = 8 plus a written answer, the default reward model's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -252,3 +253,14 @@ def test_rank_keeps_the_preferred_sample_for_its_level():
     for seed in range(20):
         completions, _ = rankings.rank("p", ["ab", "cd", "ef", "x"], judge_, 0.0, random.Random(seed), prefer="ef")
         assert completions == ["ef", "x"]
+
+
+def test_another_prompt_set_is_ranked_with_its_own_noise(monkeypatch, sets):
+    _fake_ml_stack(monkeypatch)
+    base = rankings.Settings(k=4, noise=1.0, batch_size=2, limit=12)  # each prompt: the same three levels
+    first, _ = rankings.make_rankings("p", base)
+    more, _ = rankings.make_rankings("p", dataclasses.replace(base, prompt_set="rank_more"))
+    assert [r["prompt"] for r in more] == [r["prompt"] for r in sets["rank_more"][1:12]]
+    # The same rater noise on both sets would flip the same positions: their orders by gold would match.
+    order = [[gold_score(r["prompt"], c) for c in r["completions"]] for r in first]
+    assert order != [[gold_score(r["prompt"], c) for c in r["completions"]] for r in more]
