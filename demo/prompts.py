@@ -48,8 +48,8 @@ def split_prompts(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLITS, late
     used = Counter(task for task, _ in sft)
     quotas = {name: family.capacity - used[name] for name, family in FAMILIES.items()}
     n = sum(sizes.values())
-    if n + sum(later.values()) > sum(quotas.values()):
-        raise ValueError(f"can make at most {sum(quotas.values())} prompts outside demo_sft, asked for {n}")
+    if (asked := n + sum(later.values())) > sum(quotas.values()):
+        raise ValueError(f"can make at most {sum(quotas.values())} prompts outside demo_sft, asked for {asked}")
     # The seed string still names the module's old home, demo_prefs: the shipped files come from it.
     rng = random.Random(f"demo_prefs/prompts/{seed}")
     stream = draw_rows(rng, quotas, avoid=(p for _, p in sft))

@@ -57,7 +57,8 @@ def test_seed_is_deterministic_and_matters():
 
 
 def test_too_many_prompts_refused():
-    with pytest.raises(ValueError):
+    # The sets drawn later count too, and the message says how many were asked for in all.
+    with pytest.raises(ValueError, match=f"asked for {sft_data.max_rows() + sum(prompts.LATER.values())}$"):
         prompts.split_prompts(0, {"rank": sft_data.max_rows(), "rl": 0, "eval": 0})
 
 
