@@ -58,5 +58,6 @@ def score(folder: Path, cfg, held: tuple[list, dict]) -> dict:
     result = rm.evaluate(model, examples, cfg.eval_batch_size, rm.RankingCollator(tokenizer, probes.layout_for(model)))
     return {key: result[key] for key in ("accuracy", "pairs", "accuracy_by_criterion")}
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
