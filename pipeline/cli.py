@@ -2,7 +2,7 @@
 where the framework meets the stage registry (it hands `stages.STAGES` to the config
 loader and the runner).
 
-    python -m pipeline run [STAGE] [--config FILE] [--set KEY=VALUE ...] [--force]
+    python -m pipeline run [STAGE ...] [--config FILE] [--set KEY=VALUE ...] [--force]
     python -m pipeline status [--config FILE] [--set KEY=VALUE ...]
     python -m pipeline config [--config FILE] [--set KEY=VALUE ...]
     python -m pipeline generate [base|sft|rlhf|FOLDER] [--prompt TEXT] [--greedy | --temperature T --top-k K --top-p P]
@@ -34,9 +34,10 @@ def parser() -> argparse.ArgumentParser:
     prog = "rlhf-pipeline" if Path(sys.argv[0]).name == "rlhf-pipeline" else "python -m pipeline"
     top = argparse.ArgumentParser(prog=prog, description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
     commands = top.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[common], help="run a stage and whatever it needs upstream")
-    run.add_argument("stage", nargs="?", choices=names, default=names[-1], help=f"stage to reach (default: {names[-1]}, the whole pipeline)")
-    run.add_argument("--force", action="store_true", help="rerun the named stage even if it is up to date")
+    run = commands.add_parser("run", parents=[common], help="run stages and whatever they need upstream")
+    # No argparse choices: with nargs="*" Python 3.11 checks the empty default against them; the runner names an unknown stage.
+    run.add_argument("stage", nargs="*", metavar="STAGE", help=f"stages to reach, in one process ({', '.join(names)}; default: {names[-1]}, the whole pipeline)")
+    run.add_argument("--force", action="store_true", help="rerun the named stages even if they are up to date")
     commands.add_parser("status", parents=[common], help="each stage's state, metrics and folder")
     commands.add_parser("config", parents=[common], help="print the resolved config as JSON")
     generate.add_arguments(commands.add_parser("generate", parents=[common], help="answer a prompt, or chat, with a checkpoint"))
@@ -45,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    unknown = [name for name in getattr(args, "stage", []) if name not in {stage.name for stage in STAGES}]
+    if unknown:
+        print(f"error: run: unknown stage {unknown[0]!r} (stages: {', '.join(stage.name for stage in STAGES)})", file=sys.stderr)
+        return EXIT_BAD_INPUT
     overrides = [item for text in args.set for item in _split(text)]
     if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
         print(f"error: {DEFAULT_CONFIG}: config file not found (it is in the checkout; elsewhere pass --config FILE)", file=sys.stderr)
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "status":
                 print(runner.status())
                 return 0
-            runner.run(args.stage, force=args.force)
+            runner.run(*args.stage, force=args.force)
             return 0
         finally:
             runner.close()

@@ -168,7 +168,7 @@ class Runner:
                 reasons.append(f"{parent} changed" + (f" ({'; '.join(why)})" if why else ""))
         return reasons or ["its fingerprint changed"]
 
-    def plan(self, target: str, force: bool = False) -> list[str]:
+    def plan(self, targets: tuple[str, ...], force: bool = False) -> list[str]:
         """Stages to run, upstream first. An up-to-date stage ends the walk: its
         parents are not needed, even if they are stale or were deleted."""
         order: list[str] = []
@@ -183,11 +183,12 @@ class Runner:
             if name not in order:
                 order.append(name)
 
-        visit(target, force)
+        for target in targets:
+            visit(target, force)
         return order
 
-    def involved(self, target: str, order: list[str]) -> list[str]:
-        """The target and the stages it reads from, upstream first, leaving out any
+    def involved(self, targets: tuple[str, ...], order: list[str]) -> list[str]:
+        """The targets and the stages they read from, upstream first, leaving out any
         that this run neither runs nor finds on disk (not needed, not there)."""
         names: list[str] = []
 
@@ -199,17 +200,21 @@ class Runner:
             if name not in names and (name in order or found.manifest is not None):
                 names.append(name)
 
-        visit(target)
+        for target in targets:
+            visit(target)
         return names
 
     # ------------------------------------------------------------ running
 
-    def run(self, target: str | None = None, force: bool = False) -> list[dict]:
-        target = target or self.stages[-1].name
-        if target not in self.by_name:
-            raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(self.by_name)})")
-        if target not in self.enabled:  # an optional stage asked for by name runs with its defaults
-            self.enabled.add(target)
+    def run(self, *targets: str, force: bool = False) -> list[dict]:
+        """Build `targets` (default: the last stage, so the whole pipeline) and what they
+        need, in one process: several targets share one launch, and each stage runs once."""
+        for target in targets:
+            if target not in self.by_name:
+                raise ConfigError(f"unknown stage {target!r} (stages: {', '.join(self.by_name)})")
+        targets = tuple(sorted(set(targets), key=list(self.by_name).index)) or (self.stages[-1].name,)
+        if not self.enabled.issuperset(targets):  # an optional stage asked for by name runs with its defaults
+            self.enabled.update(targets)
             self._assessed.clear()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,9 +224,9 @@ class Runner:
                     self.log(f"[pipeline] {note}")
         self.barrier()
 
-        order = self.plan(target, force)
+        order = self.plan(targets, force)
         self.log(f"[pipeline] run '{self.config.run.name}' in {self.run_dir} (config {self.config.source})")
-        involved = self.involved(target, order)
+        involved = self.involved(targets, order)
         for name in involved:
             found = self.assess(name)
             if name not in order:

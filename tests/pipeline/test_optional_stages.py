@@ -29,11 +29,11 @@ def stage(name: str, inputs: tuple[str, ...], optional: bool = False) -> Stage:
 STAGES = (stage("a", ()), stage("b", ("a",), optional=True), stage("c", ("a", "b")))
 
 
-def runner(tmp_path: Path, yaml_text: str, *overrides: str) -> Runner:
+def runner(tmp_path: Path, yaml_text: str, *overrides: str, stages: tuple[Stage, ...] = STAGES) -> Runner:
     path = tmp_path / "run.yaml"
     path.write_text(f"run:\n  name: t\n  output_dir: {tmp_path / 'runs'}\n" + yaml_text)
-    cfg = configuration.load(path, list(overrides), {s.name: s.config for s in STAGES})
-    return Runner(cfg, STAGES, log=lambda line: None)
+    cfg = configuration.load(path, list(overrides), {s.name: s.config for s in stages})
+    return Runner(cfg, stages, log=lambda line: None)
 
 
 def built(tmp_path: Path) -> list[str]:
@@ -61,9 +61,27 @@ def test_adding_the_section_later_makes_its_children_stale_and_only_them(tmp_pat
     again = runner(tmp_path, "", "b.x=2")
     assert again.assess("a").state == "complete"
     assert again.assess("c").state == "stale" and again.assess("c").reasons == ["b changed"]
-    assert again.plan("c") == ["b", "c"]
+    assert again.plan(("c",)) == ["b", "c"]
 
 
 def test_an_optional_stage_run_by_name_runs_with_its_defaults(tmp_path):
     runner(tmp_path, "").run("b")
     assert built(tmp_path) == ["a", "b"]
+
+
+def test_several_stages_run_by_name_run_once_each_upstream_first(tmp_path):
+    """`run d b` (one launch for several stages, as `run rm dpo`): a, b and d, each once, in
+    the registry's order, and not c, which neither needs; b, optional, runs with its defaults."""
+    stages = (stage("a", ()), stage("b", ("a",), optional=True), stage("d", ("a",)), stage("c", ("a", "b")))
+    done = runner(tmp_path, "", stages=stages).run("d", "b")
+    assert [row["stage"] for row in done] == ["a", "b", "d"] and [row["action"] for row in done] == ["built"] * 3
+    assert built(tmp_path) == ["a", "b", "d"]
+
+
+def test_force_with_several_stages_reruns_each_and_no_other(tmp_path):
+    runner(tmp_path, "b: {}\n").run()
+    ids = {name: json.loads((tmp_path / f"runs/t/{name}/manifest.json").read_text())["build_id"] for name in "abc"}
+    done = runner(tmp_path, "b: {}\n").run("a", "b", force=True)
+    assert [(row["stage"], row["action"]) for row in done] == [("a", "built"), ("b", "built")]
+    after = {name: json.loads((tmp_path / f"runs/t/{name}/manifest.json").read_text())["build_id"] for name in "abc"}
+    assert after["a"] != ids["a"] and after["b"] != ids["b"] and after["c"] == ids["c"]

@@ -186,10 +186,13 @@ def test_status_of_a_fresh_run(tmp_path, tiny_model_dir, sft_rows):
     assert "base   missing" in text and "sft    missing" in text
 
 
-def test_unknown_stage_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["run", "ppo"])
-    assert e.value.code == 2
+@pytest.mark.parametrize("stages", [["ppo"], ["sft", "ppo"]])
+def test_unknown_stage_is_refused_before_anything_runs(tmp_path, capsys, stages):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  output_dir: {tmp_path / 'runs'}\n")
+    assert cli.main(["run", *stages, "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("error: run: unknown stage 'ppo' (stages: base, sft, rm, rlhf, dpo, eval)")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_corrupt_manifest_is_rebuilt_and_says_so_once_in_the_log_and_the_new_manifest(built, capsys):
