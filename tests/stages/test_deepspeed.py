@@ -29,10 +29,8 @@ def test_sft_rm_and_dpo_under_deepspeed_match_one_process(tiny_model_dir, refere
     model's layout probes and the final folder each gather them (engine/sharding.py)."""
     data, one = reference
     path = config(tmp_path, tiny_model_dir, data, processes=2)
-    for stage in ("rm", "dpo"):
-        result = launch(accelerate_config, stage, path)
-        ran(result)
-        assert "fallback" not in result.stdout, result.stdout
+    ran(result := launch(accelerate_config, "rm dpo", path))
+    assert "fallback" not in result.stdout, result.stdout
     run = run_dir(path)
     manifest = json.loads((run / "sft" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["distributed"] == f"DEEPSPEED (ZeRO-{accelerate_config[-1]})"

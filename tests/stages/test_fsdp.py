@@ -7,14 +7,13 @@ rlhf in test_sharded_rlhf.py."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.stages.two_processes import MAX_DIFF, assert_same_weights, config, kill_after_sharded_checkpoint_2_and_resume, launch, plain_folders, ran, run_dir, trainer_data
+from tests.stages.two_processes import MAX_DIFF, SFT, TRAINER, assert_same_weights, config, killed_after_sharded_checkpoint_2, launch, plain_folders, ran, run_dir, trainer_data
 from tests.stages.two_processes import one_process as one_process_run
 
 pytestmark = pytest.mark.launches
@@ -34,11 +33,10 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
 def fsdp2_full(tiny_model_dir, data, tmp_path_factory):
     """sft, rm and dpo (full fine-tuning) under FSDP2: its config and run folder."""
     path = config(tmp_path_factory.mktemp("fsdp2"), tiny_model_dir, data, processes=2)
-    for stage in ("rm", "dpo"):
-        result = launch("fsdp2", stage, path)
-        ran(result)
-        assert result.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
-        assert "fallback" not in result.stdout, result.stdout
+    ran(result := launch("fsdp2", "rm dpo", path))
+    assert result.stdout.count("[fsdp_on_cpu] FSDP on CPU processes") == 2, "both processes ran FSDP, not DDP"
+    assert "fallback" not in result.stdout, result.stdout
+    for stage in ("sft", "rm", "dpo"):
         assert json.loads((run_dir(path) / stage / "manifest.json").read_text())["distributed"] == "FSDP"
     return path, run_dir(path)
 
@@ -54,8 +52,7 @@ def test_sft_rm_and_dpo_under_fsdp2_match_one_process(fsdp2_full, one_process):
 
 def test_lora_under_fsdp2_matches_one_process_merged_and_adapter(tiny_model_dir, data, one_process, tmp_path):
     path = config(tmp_path, tiny_model_dir, data, processes=2, lora=True)
-    for stage in ("rm", "dpo"):
-        ran(launch("fsdp2", stage, path))
+    ran(launch("fsdp2", "rm dpo", path))
     run, reference = run_dir(path), one_process[True]
     for stage, parent in (("sft", "base"), ("rm", "sft"), ("dpo", "sft")):
         assert_same_weights(run / stage, reference / stage, reference / parent)
@@ -74,19 +71,21 @@ def test_sft_and_rm_under_fsdp2_with_offload_and_ddp_match_one_process(tiny_mode
     plain_folders(run)
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_fsdp2_stage_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(tiny_model_dir, data, fsdp2_full, tmp_path, stage):
-    """rm and dpo start from the uninterrupted run's base and sft (copied, so reused): the
-    kill lands in their own checkpoint-2."""
+def test_fsdp2_stages_killed_after_a_sharded_checkpoint_resume_to_the_uninterrupted_weights(tiny_model_dir, data, fsdp2_full, tmp_path):
+    """sft, rm and dpo in one launch, ended as if killed once a stage's checkpoint-2 is
+    complete and launched again, as a preempted job is: each launch resumes the stage the
+    last one left, finishes it, and is killed in the next."""
     _, straight = fsdp2_full
     path = config(tmp_path, tiny_model_dir, data, processes=2)
-    if stage != "sft":
-        for parent in ("base", "sft"):
-            shutil.copytree(straight / parent, run_dir(path) / parent)
-    resumed = kill_after_sharded_checkpoint_2_and_resume(stage, path)
-    assert f"[{stage}] resuming from" in resumed.stdout and f"[pipeline] {stage}: done" in resumed.stdout
-    got, want = load_file(run_dir(path) / stage / "model.safetensors"), load_file(straight / stage / "model.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"{stage} differs after resuming"
+    launches = [killed_after_sharded_checkpoint_2("fsdp2", "sft rm dpo", path, stage) for stage in ("sft", "rm", "dpo")]
+    ran(last := launch("fsdp2", "sft rm dpo", path))
+    for stage, resumed in zip(("sft", "rm", "dpo"), [*launches[1:], last]):
+        assert f"[{stage}] resuming from" in resumed.stdout and f"[pipeline] {stage}: done" in resumed.stdout, f"{stage}: {resumed.stdout[-3000:]}"
+        manifest = json.loads((run_dir(path) / stage / "manifest.json").read_text())
+        max_steps = (SFT if stage == "sft" else TRAINER)["max_steps"]
+        assert manifest["timings"]["attempts"] == 2 and manifest["metrics"]["steps_last_attempt"] == max_steps - 2, f"{stage} started over"
+        got, want = load_file(run_dir(path) / stage / "model.safetensors"), load_file(straight / stage / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"{stage} differs after resuming"
 
 
 def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, tmp_path):

@@ -59,7 +59,8 @@ def one_process(folder: Path, model_dir: Path, data: dict[str, Path], lora: bool
     return run_dir(path)
 
 
-def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
+def launch(accelerate_config: str, stages: str, config_path: Path, shim: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch ... -m pipeline run <stages>` (one or several, space-separated) on two processes."""
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", "2", "--main_process_port", "0"]
     module = "pipeline"
@@ -67,7 +68,7 @@ def launch(accelerate_config: str, stage: str, config_path: Path, shim: bool = T
         module = {"fsdp": "tests.stages.fsdp_on_cpu", "zero": "tests.stages.deepspeed_on_cpu"}.get(accelerate_config[:4], module)
     if accelerate_config.startswith("zero"):
         env = {"DS_ACCELERATOR": "cpu", **env}  # DeepSpeed's CPU accelerator, with gloo; on GPUs it finds CUDA itself
-    return subprocess.run([*command, "-m", module, "run", stage, "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    return subprocess.run([*command, "-m", module, "run", *stages.split(), "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=launch_env(**env))
 
 
@@ -102,18 +103,24 @@ def moved(config_path: Path, folder: Path) -> Path:
     return path
 
 
-def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path, accelerate_config: str = "fsdp2") -> subprocess.CompletedProcess:
-    """`stage` under FSDP2 (or DeepSpeed) ended as if killed once checkpoint-2 is complete
-    (each process having written its shard), then run again: the second run's result."""
-    killed = launch(accelerate_config, stage, path, EXIT_AFTER_CHECKPOINT="2")
-    assert killed.returncode != 0
+def killed_after_sharded_checkpoint_2(accelerate_config: str, stages: str, path: Path, stage: str) -> subprocess.CompletedProcess:
+    """`stages` launched under FSDP2 (or DeepSpeed) and ended as if killed once `stage`'s
+    checkpoint-2 is complete, each process having written its shard: that launch's result."""
+    killed = launch(accelerate_config, stages, path, EXIT_AFTER_CHECKPOINT="2")
+    assert killed.returncode != 0, f"{stages}: not killed in {stage}"
     checkpoint = run_dir(path) / f".{stage}.partial" / "checkpoint-2"
     if accelerate_config.startswith("zero"):
         shards = sorted(p.name for p in checkpoint.rglob("*zero_pp_rank_*_optim_states.pt"))
         assert [name.split("zero_pp_rank_")[1][0] for name in shards] == ["0", "1"], shards
     else:
         shards = sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
-        assert shards == ["__0_0.distcp", "__1_0.distcp"], "each process wrote its own shard"
+        assert shards == ["__0_0.distcp", "__1_0.distcp"], f"{stage}: each process wrote its own shard"
+    return killed
+
+
+def kill_after_sharded_checkpoint_2_and_resume(stage: str, path: Path, accelerate_config: str = "fsdp2") -> subprocess.CompletedProcess:
+    """`stage` killed after its sharded checkpoint-2, then run again: the second run's result."""
+    killed_after_sharded_checkpoint_2(accelerate_config, stage, path, stage)
     ran(resumed := launch(accelerate_config, stage, path))
     return resumed
 
