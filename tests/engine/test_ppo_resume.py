@@ -14,7 +14,6 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from engine import checkpointing, update
 from engine.ptx import PtxStream
@@ -80,33 +79,6 @@ def test_a_checkpoint_missing_trainable_tensors_is_refused_with_its_path(policy_
     every_layer = dataclasses.replace(top_layer, value_layers=None, steps=2)  # more trainable tensors than checkpoint-1 holds
     with pytest.raises(ConfigError, match=r"checkpoint-1/pytorch_model\.bin: no .*\.layers\.0\..*trainable tensors missing\); the checkpoint was written by another layout"):
         rlhf.train(every_layer, policy_dir, planted_rm, out, seed=0)
-
-
-@pytest.mark.parametrize("layout", ["full", "lora-reward"])  # critic-free on two processes: test_two_processes_keep_each_group_whole...
-def test_ppo_on_two_processes_writes_one_policy(tiny_model_dir, planted_rm, sft_rows, prompts, tmp_path, layout):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import ROOT
-
-    train = write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24])
-    section = {"reward_model": str(planted_rm), "data": {"prompts": str(prompts)}, "steps": 3, "batch_size": 4, "minibatch_size": 2,
-               "microbatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 5, "normalize_scores": False, "save_steps": 2, **LAYOUTS[layout]}
-    config_path = tiny_config(tmp_path, tiny_model_dir, train, sft={"max_steps": 2}, rlhf=section)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "run", "rlhf", "--config", str(config_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=400, env=launch_env(), check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    folder = tmp_path / "runs" / "tiny" / "rlhf"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
-    assert manifest["metrics"]["episodes"] == 3 * 4 * 2, "each step rolls out batch_size prompts on each process"
-    assert [r["episode"] for r in history(folder)] == [8, 16, 24]
-    AutoModelForCausalLM.from_pretrained(folder)
-    AutoModelForSequenceClassification.from_pretrained(folder / "value")
 
 
 def torchrun(config_path, record: Path) -> subprocess.Popen:

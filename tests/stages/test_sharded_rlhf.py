@@ -81,6 +81,7 @@ def test_the_learning_rate_follows_its_schedule_on_two_processes(ppo_runs, accel
     rows = [json.loads(line) for line in (run_dir(path) / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     want = [PPO["learning_rate"] * (1 - step / PPO["steps"]) for step in range(1, PPO["steps"] + 1)]
     assert [row["lr"] for row in rows] == pytest.approx(want, abs=1e-12)
+    assert [row["episode"] for row in rows] == [8, 16, 24, 32], "one line a step, counting both processes' batch_size prompts"
 
 
 @pytest.mark.parametrize("accelerate_config", ["fsdp2", "zero3"])
