@@ -86,13 +86,3 @@ def test_fsdp2_stages_killed_after_a_sharded_checkpoint_resume_to_the_uninterrup
         assert manifest["timings"]["attempts"] == 2 and manifest["metrics"]["steps_last_attempt"] == max_steps - 2, f"{stage} started over"
         got, want = load_file(run_dir(path) / stage / "model.safetensors"), load_file(straight / stage / "model.safetensors")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"{stage} differs after resuming"
-
-
-def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(tiny_model_dir, data, tmp_path):
-    path = config(tmp_path, tiny_model_dir, data, processes=2)
-    result = launch("fsdp2", "sft", path, shim=False)
-    ran(result)
-    note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
-    assert result.stdout.count(f"[sft] fallback: {note}") == 1, result.stdout[-3000:]
-    manifest = json.loads((run_dir(path) / "sft" / "manifest.json").read_text())
-    assert note in manifest["fallbacks"] and manifest["distributed"] == "MULTI_CPU"

@@ -96,10 +96,13 @@ def test_ppo_killed_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weig
         assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want), f"{name} differs after resuming"
 
 
-def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once(ppo_runs, tmp_path):
+def test_an_fsdp_launch_that_accelerate_runs_as_ddp_says_so_once_in_each_stage(ppo_runs, tmp_path):
+    """sft, a Trainer stage (stages/shared/training.py), and rlhf (engine/driver.py) each
+    notice it in their own code: one launch of both."""
     path = moved(ppo_runs["ddp", "full"][0], tmp_path)
-    result = launch("fsdp2", "rlhf", path, shim=False)
-    ran(result)
+    ran(result := launch("fsdp2", "sft rlhf", path, shim=False))
     note = "the launch asked for FSDP but accelerate runs MULTI_CPU (on CPU processes it drops FSDP): each process holds the whole model"
-    assert result.stdout.count(f"[rlhf] fallback: {note}") == 1, result.stdout[-3000:]
-    assert note in json.loads((run_dir(path) / "rlhf" / "manifest.json").read_text())["fallbacks"]
+    for stage in ("sft", "rlhf"):
+        assert result.stdout.count(f"[{stage}] fallback: {note}") == 1, result.stdout[-3000:]
+        manifest = json.loads((run_dir(path) / stage / "manifest.json").read_text())
+        assert note in manifest["fallbacks"] and manifest["distributed"] == "MULTI_CPU"
