@@ -110,12 +110,12 @@ def load(cfg: BaseConfig):
         kind = ", ".join(model_config.architectures or []) or model_config.model_type
         raise ConfigError(f"base.model: {cfg.model} is a {kind} model, not a causal language model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, config=model_config, **kwargs)
     except Exception as e:
         raise ConfigError(f"base.model: cannot load the tokenizer of {cfg.model}: {_first_line(e)}") from None
 
     dtype = getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, config=model_config, dtype=dtype, **kwargs)
     if "gguf_file" in kwargs:
         model = _unquantized_copy(model, dtype)
     return model.to(dtype), tokenizer, source
