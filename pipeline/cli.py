@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog=prog, description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="run stages and whatever they need upstream")
-    # No argparse choices: with nargs="*" Python 3.11 checks the empty default against them; the runner names an unknown stage.
+    # No argparse choices: with nargs="*" Python 3.11 checks the empty default against them; main() names an unknown stage.
     run.add_argument("stage", nargs="*", metavar="STAGE", help=f"stages to reach, in one process ({', '.join(names)}; default: {names[-1]}, the whole pipeline)")
     run.add_argument("--force", action="store_true", help="rerun the named stages even if they are up to date")
     commands.add_parser("status", parents=[common], help="each stage's state, metrics and folder")
@@ -46,9 +46,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    unknown = [name for name in getattr(args, "stage", []) if name not in {stage.name for stage in STAGES}]
+    names = [stage.name for stage in STAGES]
+    unknown = [name for name in getattr(args, "stage", []) if name not in names]
     if unknown:
-        print(f"error: run: unknown stage {unknown[0]!r} (stages: {', '.join(stage.name for stage in STAGES)})", file=sys.stderr)
+        print(f"error: run: unknown stage {unknown[0]!r} (stages: {', '.join(names)})", file=sys.stderr)
         return EXIT_BAD_INPUT
     overrides = [item for text in args.set for item in _split(text)]
     if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
