@@ -130,6 +130,6 @@ def microbatch_loss(learner: Learner, mb: Rollout, outputs, targets, kl_coef: fl
         loss = loss + cfg.ptx_coef * ptx_loss
         stats["loss/ptx"] = ptx_loss
     if not torch.isfinite(loss):
-        parts = ", ".join(f"{k.split('/')[1]} {float(v):.4g}" for k, v in stats.items() if k.startswith("loss/"))
+        parts = ", ".join(f"{k.split('/')[1]} {v.item():.4g}" for k, v in stats.items() if k.startswith("loss/"))
         raise TrainingDiverged(f"rlhf: the loss became {loss.item()} ({parts}); lower rlhf.learning_rate or check the reward")
     return loss, stats
