@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from engine import device, sampling, sharding
 from engine.device import cpu_only, mixed_precision
 from pipeline import checkpoint as ckpt
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingDiverged
 
 
 def trainer_arguments(cfg, out_dir: Path, seed: int) -> dict:
@@ -72,6 +72,37 @@ class MarkCompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             ckpt.mark_checkpoint_complete(Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}")
         return control
+
+
+class StopOnDivergence(TrainerCallback):
+    """Before every step the Trainer logs, evaluates or saves after, and after the last,
+    check that the trained weights are finite, and stop the stage (exit 3) if not. A NaN
+    loss turns every weight NaN within a step (through the clipped gradient or Adam), and
+    the Trainer's log hides it (a NaN step's loss is replaced by the running mean), so the
+    weights are what is checked; as no save comes before the check, the last checkpoint in
+    the work folder is a good one. Every process checks its own shard and all agree."""
+
+    def __init__(self, accelerator, name: str):
+        self.accelerator, self.name = accelerator, name
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not (control.should_log or control.should_evaluate or control.should_save or state.global_step >= state.max_steps):
+            return control
+        local = [_local_part(p) for p in model.parameters() if p.requires_grad]
+        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in local if t.numel())), device=self.accelerator.device)
+        if self.accelerator.reduce(bad, "sum").item() > 0:
+            raise TrainingDiverged(
+                f"{self.name}: the weights are no longer finite (NaN or inf) at step {state.global_step}; "
+                f"lower {self.name}.learning_rate or check the data"
+            )
+        return control
+
+
+def _local_part(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its ZeRO-3 partition, its FSDP2 shard, or itself."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 class CountSteps(TrainerCallback):
@@ -130,6 +161,7 @@ def train(trainer, name: str, out_dir: Path) -> int:
         print(f"[{name}] resuming from {latest}", flush=True)
     counter = CountSteps()
     trainer.add_callback(counter)
+    trainer.add_callback(StopOnDivergence(trainer.accelerator, name))
     trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     _gather_if_sharded(trainer)
     return counter.steps
