@@ -18,6 +18,7 @@ stays one example: InstructGPT found that shuffling a prompt's pairs apart overf
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -86,8 +87,9 @@ def parse(where: str, row: dict) -> Ranking:
         completions = [_completion(where, c, f"completions[{i}]") for i, c in enumerate(_list(where, row["completions"], "completions"))]
         if "scores" in row:
             scores = _list(where, row["scores"], "scores")
-            if len(scores) != len(completions) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-                raise BadRow(where, "scores_mismatch", f"'scores' must be {len(completions)} number(s), one per completion; got {row['scores']!r}")
+            # json.loads reads NaN and Infinity; a NaN score would silently drop its pairs
+            if len(scores) != len(completions) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+                raise BadRow(where, "scores_mismatch", f"'scores' must be {len(completions)} finite number(s), one per completion; got {row['scores']!r}")
             scores = [float(s) for s in scores]
         else:
             scores = [float(len(completions) - i) for i in range(len(completions))]  # best first
@@ -100,8 +102,8 @@ def parse(where: str, row: dict) -> Ranking:
         else:
             prompt, chosen, rejected = split_dialogues(where, row["chosen"], row["rejected"])
         margin = row.get("margin")
-        if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
-            raise ConfigError(f"{where}: 'margin' must be a number, got {margin!r}")
+        if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin)):
+            raise ConfigError(f"{where}: 'margin' must be a finite number, got {margin!r}")
         ranking = Ranking(where, prompt, [chosen, rejected], [1.0, 0.0], None if margin is None else float(margin))
     else:
         found = ", ".join(sorted(row)) or "none"

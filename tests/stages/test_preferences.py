@@ -52,8 +52,10 @@ def test_hh_rlhf_dialogues_split_at_the_last_assistant_turn():
 @pytest.mark.parametrize(("row", "reason", "message"), [
     ({"prompt": "Q", "completions": ["only one"]}, "too_few_completions", "f:4: a ranking needs at least two completions, got 1"),
     ({"prompt": "Q", "completions": ["a", "  "]}, "empty_text", "f:4: 'completions[1]' is empty"),
-    ({"prompt": "Q", "completions": ["a", "b"], "scores": [1]}, "scores_mismatch", "f:4: 'scores' must be 2 number(s)"),
-    ({"prompt": "Q", "completions": ["a", "b"], "scores": [1, "x"]}, "scores_mismatch", "f:4: 'scores' must be 2 number(s)"),
+    ({"prompt": "Q", "completions": ["a", "b"], "scores": [1]}, "scores_mismatch", "f:4: 'scores' must be 2 finite number(s)"),
+    ({"prompt": "Q", "completions": ["a", "b"], "scores": [1, "x"]}, "scores_mismatch", "f:4: 'scores' must be 2 finite number(s)"),
+    ({"prompt": "Q", "completions": ["a", "b", "c"], "scores": [float("nan"), 1, 0]}, "scores_mismatch", "f:4: 'scores' must be 3 finite number(s)"),
+    ({"prompt": "Q", "completions": ["a", "b"], "scores": [float("inf"), 0]}, "scores_mismatch", "f:4: 'scores' must be 2 finite number(s)"),
     ({"prompt": "Q", "completions": ["a", "a", "b"]}, "duplicate_completions", "f:4: the same completion appears twice"),
     ({"prompt": "Q", "completions": ["a", "b"], "scores": [2, 2]}, "no_pairs", "f:4: every score is tied"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty_text", "f:4: 'prompt' is empty"),
@@ -71,7 +73,8 @@ def test_bad_rows_name_their_line_and_reason(row, reason, message):
     ({"prompt": "Q", "answer": "a"}, "f:5: expected 'prompt' with 'completions' (best first) or 'chosen'/'rejected'; found keys: answer, prompt"),
     ({"chosen": "just text", "rejected": "more text"}, "f:5: 'chosen' is not a dialogue"),
     ({"prompt": "Q", "completions": "a, b"}, "f:5: 'completions' must be a list, got str"),
-    ({"prompt": "Q", "chosen": "a", "rejected": "b", "margin": "big"}, "f:5: 'margin' must be a number"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "margin": "big"}, "f:5: 'margin' must be a finite number"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "f:5: 'margin' must be a finite number"),
 ])
 def test_malformed_rows_are_errors_even_when_dropping(row, message):
     with pytest.raises(ConfigError) as error:
