@@ -170,12 +170,17 @@ class Runner:
 
     def plan(self, targets: tuple[str, ...], force: bool = False) -> list[str]:
         """Stages to run, upstream first. An up-to-date stage ends the walk: its
-        parents are not needed, even if they are stale or were deleted."""
+        parents are not needed, even if they are stale or were deleted. But when one of
+        them is rebuilt all the same (another stage needs it), the up-to-date stage was
+        made from its old build, so it is rebuilt too: a run never pairs a new parent
+        with a child of the old one."""
         order: list[str] = []
+        kept: list[str] = []
 
         def visit(name: str, forced: bool) -> None:
             found = self.assess(name)
             if found.state == "complete" and not forced:
+                kept.append(name)
                 return
             for parent in self.parents(found.stage):
                 if parent not in found.external:
@@ -185,7 +190,17 @@ class Runner:
 
         for target in targets:
             visit(target, force)
-        return order
+        while stale := [name for name in dict.fromkeys(kept) if name not in order and self._rebuilt_parents(name, order)]:
+            for name in stale:
+                found = self.assess(name)
+                found.state = "stale"
+                found.reasons.extend(f"{parent} is rebuilt in this run" for parent in self._rebuilt_parents(name, order))
+                visit(name, True)
+        return sorted(order, key=list(self.by_name).index)
+
+    def _rebuilt_parents(self, name: str, order: list[str]) -> list[str]:
+        found = self.assess(name)
+        return [parent for parent in self.parents(found.stage) if parent not in found.external and parent in order]
 
     def involved(self, targets: tuple[str, ...], order: list[str]) -> list[str]:
         """The targets and the stages they read from, upstream first, leaving out any
