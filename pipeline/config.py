@@ -9,6 +9,7 @@ naming the file, the line and the dotted key, raised before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import types
 import typing
@@ -59,6 +60,10 @@ class RunConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise SettingError("name", f"must be a plain folder name, got {self.name!r}")
+        if not 0 <= self.seed < 2**32:  # numpy's range, which the Trainer seeds too
+            raise SettingError("seed", f"must be in [0, 2**32), got {self.seed}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise SettingError("output_dir", f"{self.output_dir} is a file, not a folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,11 +295,14 @@ def _convert(value: Any, hint: Any, key: str, locate) -> Any:
         # PyYAML reads 1e-5 (no dot) as a string; accept any spelling float() accepts.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _TypeMismatch(f"expected a number, got {_show(value)}")
+        # No setting means anything by NaN or infinity, and NaN slips past every range check
+        if not math.isfinite(value):
+            raise _TypeMismatch(f"expected a finite number, got {_show(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

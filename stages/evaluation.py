@@ -78,6 +78,8 @@ class EvalConfig:
             raise SettingError("max_new_tokens", "must be at least 1")
         if self.temperature < 0:
             raise SettingError("temperature", "must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise SettingError("batch_size", "must be at least 1")
         if self.samples_per_prompt < 1:

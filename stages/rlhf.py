@@ -178,15 +178,7 @@ class RlhfConfig:
             raise SettingError("minibatch_size", f"must divide batch_size ({self.batch_size}), got {self.minibatch_size}")
         if self.minibatch_size % self.microbatch_size:
             raise SettingError("microbatch_size", f"must divide minibatch_size ({self.minibatch_size}), got {self.microbatch_size}")
-        for name in ("learning_rate", "temperature"):
-            if getattr(self, name) <= 0:
-                raise SettingError(name, f"must be positive, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0:
-            raise SettingError("kl_coef", f"must be >= 0 (0 is no KL penalty), got {self.kl_coef}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
+        self._check_coefficients()
         if self.value_model == "reward" and self.method != "lora":
             raise SettingError("value_model", "reward needs method: lora (with full, separate already starts the value as a copy of the reward model)")
         if self.value_layers is not None and self.value_layers < 1:
@@ -196,6 +188,25 @@ class RlhfConfig:
         if self.judge is not None:
             raise SettingError("judge", f"is now an audit reward source: rewards: [{{source: rm}}, {{source: {_batch_judge(self.judge)}, role: audit, name: gold}}]")
         self._check_groups()
+
+    def _check_coefficients(self):
+        for name in ("learning_rate", "temperature", "clip_range", "clip_range_value", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise SettingError("kl_coef", f"must be >= 0 (0 is no KL penalty), got {self.kl_coef}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise SettingError("kl_target", "must be positive (or null for a fixed kl_coef)")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SettingError(name, f"must be in [0, 1], got {getattr(self, name)}")
+        for name in ("missing_eos_penalty", "vf_coef", "ptx_coef"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.score_clip is not None and self.score_clip <= 0:
+            raise SettingError("score_clip", f"must be positive (or null for no clipping), got {self.score_clip}")
 
     def _check_groups(self):
         from rl.advantages import ESTIMATORS

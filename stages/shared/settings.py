@@ -81,6 +81,11 @@ class TrainerSettings:
             raise SettingError("epochs", "must be positive when max_steps is not set")
         if self.learning_rate <= 0:
             raise SettingError("learning_rate", f"must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:  # the Trainer reads 1 or more as a number of steps
+            raise SettingError("warmup_ratio", f"must be in [0, 1), a share of the steps, got {self.warmup_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must be >= 0 (0 is off), got {getattr(self, name)}")
 
     def unused(self) -> set[str]:
         """Settings that cannot matter for this config, left out of the fingerprint."""

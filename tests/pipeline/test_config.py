@@ -83,6 +83,18 @@ def test_unknown_section(tmp_path):
         ("sft:\n  method: qlora\n", ":2: sft.method: expected one of 'full', 'lora', got 'qlora'"),
         ("sft:\n  data: configs/data/demo_sft.jsonl\n", ":2: sft.data: expected a mapping of settings, got 'configs/data/demo_sft.jsonl'"),
         ("run:\n  seed: [1]\n", ":2: run.seed: expected an integer, got a list"),
+        # NaN passes every `x <= 0` check, so no float setting takes it (nor infinity)
+        ("sft:\n  learning_rate: .nan\n", ":2: sft.learning_rate: expected a finite number, got nan"),
+        ("sft:\n  learning_rate: .inf\n", ":2: sft.learning_rate: expected a finite number, got inf"),
+        ("rlhf:\n  kl_coef: nan\n", ":2: rlhf.kl_coef: expected a finite number, got nan"),
+        ("run:\n  seed: -1\n", ":2: run.seed: must be in [0, 2**32), got -1"),
+        ("sft:\n  warmup_ratio: 5\n", ":2: sft.warmup_ratio: must be in [0, 1), a share of the steps, got 5.0"),
+        ("rm:\n  max_grad_norm: -1\n", ":2: rm.max_grad_norm: must be >= 0 (0 is off), got -1.0"),
+        ("rlhf:\n  clip_range: -1\n", ":2: rlhf.clip_range: must be positive, got -1.0"),
+        ("rlhf:\n  lam: -3\n", ":2: rlhf.lam: must be in [0, 1], got -3.0"),
+        ("rlhf:\n  score_clip: -1\n", ":2: rlhf.score_clip: must be positive (or null for no clipping), got -1.0"),
+        ("rlhf:\n  missing_eos_penalty: -1\n", ":2: rlhf.missing_eos_penalty: must be >= 0, got -1.0"),
+        ("eval:\n  top_p: 5\n", ":2: eval.top_p: must be in (0, 1], got 5.0"),
         # checks inside the config classes
         ("sft:\n  data:\n    eval_fraction: 1.5\n", ":3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"),
         ("sft:\n  batch_size: 0\n", ":2: sft.batch_size: must be at least 1, got 0"),
@@ -98,6 +110,12 @@ def test_unknown_section(tmp_path):
 def test_one_line_errors_name_file_line_and_key(tmp_path, yaml_text, expected):
     path = write(tmp_path, yaml_text)
     assert error_of(path) == f"{path}{expected}"
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    path = write(tmp_path, f"run:\n  output_dir: {tmp_path / 'runs'}\n")
+    assert error_of(path) == f"{path}:2: run.output_dir: {tmp_path / 'runs'} is a file, not a folder"
 
 
 def test_hub_ids_are_not_mistaken_for_missing_files(tmp_path):

@@ -152,8 +152,8 @@ def test_what_each_source_is_and_its_metric_name(tmp_path):
 @pytest.mark.parametrize(("settings", "message"), [
     ({}, "rlhf.rewards: missing required setting 'source'"),
     ({"source": ""}, 'rlhf.rewards.source: must name "rm", a model folder or module:function'),
-    ({"source": "rm", "weight": math.nan}, "rlhf.rewards.weight: must be a finite number, got nan"),
-    ({"source": "rm", "weight": "-inf", "role": "audit"}, "rlhf.rewards.weight: must be a finite number, got -inf"),
+    ({"source": "rm", "weight": math.nan}, "rlhf.rewards.weight: expected a finite number, got nan"),
+    ({"source": "rm", "weight": "-inf", "role": "audit"}, "rlhf.rewards.weight: expected a finite number, got -inf"),
     ({"source": "rm", "weight": 0}, "rlhf.rewards.weight: is 0 for a train source; use role: audit to log a source without training on it"),
     ({"source": "rm", "role": "judge"}, "rlhf.rewards.role: expected one of 'train', 'audit', got 'judge'"),
     ({"source": "rm", "name": "my rm"}, "rlhf.rewards.name: must be a non-empty metric name without spaces or '/', got 'my rm'"),
