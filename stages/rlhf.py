@@ -251,14 +251,17 @@ def check(cfg: RlhfConfig) -> None:
     check_model_folder(cfg.init_from, "rlhf.init_from")
     check_model_folder(cfg.reward_model, "rlhf.reward_model")
     prompts = data.read_prompts(cfg.data.prompts, "rlhf.data.prompts")
+    training = len(prompts) if cfg.data.eval_prompts is not None else data.rows_left_to_train(len(prompts), cfg.data.eval_fraction, "rlhf.data.prompts")
+    check_prompt_count(cfg, training)
     check_rewards(cfg.rewards, "rlhf.rewards", [prompt_text(p) for p in prompts])
+    check_reward_folders(cfg)
     names = {spec.metric_name for spec in cfg.rewards if spec.role == "audit"}
     if cfg.guard.audit is not None and cfg.guard.audit not in names:
         raise ConfigError(f"rlhf.guard.audit: {cfg.guard.audit!r} is not an audit reward source (audit sources: {sorted(names) or 'none'})")
     if cfg.data.eval_prompts is not None:
         data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts")
     if cfg.data.ptx is not None:
-        ptx_rows(cfg)
+        check_ptx_count(cfg, ptx_rows(cfg))
     layout = LAYOUTS.get((cfg.value_model, cfg.method)) if ESTIMATORS[cfg.advantage].needs_values else None
     if cfg.activation_checkpointing and layout is not None and layout.switches_adapters:
         raise ConfigError(
@@ -292,11 +295,10 @@ def train(cfg: RlhfConfig, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: 
         held = data.read_prompts(cfg.data.eval_prompts, "rlhf.data.eval_prompts", cfg.max_prompt_length, tokenizer)
     else:
         prompts, held = data.split_rows(prompts, None, cfg.data.eval_fraction, seed, "rlhf.data.prompts")
-    if len(prompts) < cfg.batch_size // cfg.samples_per_prompt:
-        raise ConfigError(f"rlhf.data.prompts: {len(prompts)} training prompt(s), fewer than one step's {cfg.batch_size // cfg.samples_per_prompt}")
+    check_prompt_count(cfg, len(prompts))
     rows = ptx_rows(cfg) if cfg.ptx_coef > 0 else None
-    if rows is not None and len(rows) < cfg.microbatch_size:
-        raise ConfigError(f"rlhf.data.ptx: {len(rows)} row(s), fewer than one microbatch ({cfg.microbatch_size})")
+    if rows is not None:
+        check_ptx_count(cfg, rows)
     sources = reward_sources(cfg, Path(rm_dir), tokenizer)
     job = driver.Job(Path(policy_dir), Path(out_dir), seed, tokenizer, prompts, held, sources, rows)
     return driver.train(cfg, job)
@@ -323,6 +325,35 @@ def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer):
             raise ConfigError(f"{key}: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
         sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, model_dir=folder, stats=stats))
     return Sources(sources)
+
+
+def check_prompt_count(cfg: RlhfConfig, training: int) -> None:
+    if training < cfg.batch_size // cfg.samples_per_prompt:
+        raise ConfigError(f"rlhf.data.prompts: {training} training prompt(s), fewer than one step's {cfg.batch_size // cfg.samples_per_prompt}")
+
+
+def check_ptx_count(cfg: RlhfConfig, rows: list[dict]) -> None:
+    if cfg.ptx_coef > 0 and len(rows) < cfg.microbatch_size:
+        raise ConfigError(f"rlhf.data.ptx: {len(rows)} row(s), fewer than one microbatch ({cfg.microbatch_size})")
+
+
+def check_reward_folders(cfg: RlhfConfig) -> None:
+    """The reward-model folders that exist before the run (not the run's own rm): one-label
+    classifiers, with the statistics normalising needs. What needs the policy's tokenizer
+    is checked when the stage starts."""
+    from transformers import AutoConfig
+
+    for i, spec in enumerate(cfg.rewards):
+        if kind(spec) == "function" or (spec.source == RUN_RM and cfg.reward_model is None):
+            continue
+        folder, key = (Path(cfg.reward_model), "rlhf.reward_model") if spec.source == RUN_RM else (Path(spec.source), f"rlhf.rewards[{i}].source")
+        config = AutoConfig.from_pretrained(folder)
+        heads = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+        if not heads or config.num_labels != 1:
+            made = ", ".join(config.architectures or ["an unknown architecture"])
+            raise ConfigError(f"{key}: {folder} is not a one-label reward model ({made}, num_labels={config.num_labels})")
+        if spec.normalize and cfg.normalize_scores and reward_stats(folder) is None:
+            raise ConfigError(f"rlhf.rewards[{i}]: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
 
 
 def _batch_judge(judge: str) -> str:

@@ -54,6 +54,8 @@ def check(cfg: SftConfig) -> tuple[list[dict], list[dict] | None]:
     held = None
     if cfg.data.eval is not None:
         held = [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.eval, "sft.data.eval")]
+    else:
+        data.rows_left_to_train(len(train), cfg.data.eval_fraction, "sft.data.train")
     return train, held
 
 

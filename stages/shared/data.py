@@ -128,13 +128,20 @@ def split_rows(rows: list, eval_rows: list | None, eval_fraction: float, seed: i
     """Train and held-out rows: the given eval set, or a fixed-seed random slice of train."""
     if eval_rows is not None:
         return rows, eval_rows
-    n_eval = max(1, math.ceil(len(rows) * eval_fraction))
-    if len(rows) - n_eval < 1:
-        raise ConfigError(f"{key}: {len(rows)} row(s) are too few to carve off a held-out split; give more rows or an eval file")
+    n_eval = len(rows) - rows_left_to_train(len(rows), eval_fraction, key)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def rows_left_to_train(n: int, eval_fraction: float, key: str) -> int:
+    """How many of `n` rows train once split_rows holds out its share: known from the
+    count alone, so a stage's check can refuse too few rows before anything trains."""
+    left = n - max(1, math.ceil(n * eval_fraction))
+    if left < 1:
+        raise ConfigError(f"{key}: {n} row(s) are too few to carve off a held-out split; give more rows or an eval file")
+    return left
 
 
 # ---------------------------------------------------------------- prompts

@@ -211,12 +211,17 @@ def split_by_prompt(rankings: list[Ranking], fraction: float, seed: int, key: st
     that shares a prompt lands on the same side, so held-out accuracy is on prompts
     the model never saw."""
     prompts = sorted({r.key for r in rankings})
-    if len(prompts) < 2:
-        raise ConfigError(f"{key}: {len(prompts)} distinct prompt(s) are too few to hold some out; give more rows or an eval file")
+    check_splittable(rankings, key)
     random.Random(seed).shuffle(prompts)
     n_held = min(len(prompts) - 1, max(1, round(len(prompts) * fraction)))
     held = set(prompts[:n_held])
     return [r for r in rankings if r.key not in held], [r for r in rankings if r.key in held]
+
+
+def check_splittable(rankings: list[Ranking], key: str) -> None:
+    """split_by_prompt needs two distinct prompts, one to hold out."""
+    if len({r.key for r in rankings}) < 2:
+        raise ConfigError(f"{key}: {len({r.key for r in rankings})} distinct prompt(s) are too few to hold some out; give more rows or an eval file")
 
 
 def read_data(cfg: PreferenceData, section: str) -> tuple[list[Ranking], list[Ranking] | None, dict[str, int]]:
@@ -230,6 +235,8 @@ def read_data(cfg: PreferenceData, section: str) -> tuple[list[Ranking], list[Ra
             dropped[reason] = dropped.get(reason, 0) + n
     if not train:
         raise ConfigError(f"{section}.data.train: {cfg.train}: no usable rows (dropped: {dropped})")
+    if held is None:
+        check_splittable(train, f"{section}.data.train")
     return train, held, dropped
 
 

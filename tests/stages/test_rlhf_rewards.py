@@ -194,7 +194,7 @@ def test_the_guard_must_watch_an_audit_source(tmp_path):
     from stages import rlhf
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "What is 2 + 2?"}\n')
+    prompts.write_text("".join(f'{{"prompt": "What is {i} + 2?"}}\n' for i in range(20)))
     cfg = rlhf.RlhfConfig(data=rlhf.RlhfData(prompts=str(prompts)), rewards=(RewardSpec("rm"), RewardSpec("demo.rewards:gold", role="audit", name="gold")),
                           guard=rlhf.GuardSettings(audit="gold_score"))
     with pytest.raises(ConfigError) as caught:
