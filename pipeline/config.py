@@ -350,19 +350,24 @@ def as_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def fingerprint_view(cfg: Any, hash_file) -> dict:
+def fingerprint_view(cfg: Any, hash_file, prefix: str = "") -> dict:
     """The config as it enters a fingerprint: fields that cannot change the result
-    are left out, and local files are replaced by `hash_file(path)` of their content."""
+    are left out, and local files are replaced by `hash_file(path)` of their content.
+    `prefix` (the section) names a missing file's key."""
     view = {}
     unused = cfg.unused() if hasattr(cfg, "unused") else set()
     for f in dataclasses.fields(cfg):
         if not f.metadata.get("fingerprint", True) or f.name in unused:
             continue
-        value = getattr(cfg, f.name)
+        value, key = getattr(cfg, f.name), f"{prefix}.{f.name}".lstrip(".")
         if dataclasses.is_dataclass(value):
-            value = fingerprint_view(value, hash_file)
+            value = fingerprint_view(value, hash_file, key)
         elif f.metadata.get("path") and value is not None:
             local = resolve_local(value)
+            # A path the config names was checked when it loaded: this is a default's
+            # (configs/data/... of the checkout), or a file deleted since.
+            if local is not None and not local.exists():
+                raise ConfigError(f"{key}: no such file or folder: {value} (relative paths are read from the folder you run in, {Path.cwd()})")
             value = hash_file(local) if local is not None else value
         elif isinstance(value, tuple):
             value = [fingerprint_view(v, hash_file) if dataclasses.is_dataclass(v) else v for v in value]

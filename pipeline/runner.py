@@ -106,7 +106,7 @@ class Runner:
         material = {
             "stage": name,
             "seed": self.config.run.seed,
-            "config": fingerprint_view(cfg, self.hashes),
+            "config": fingerprint_view(cfg, self.hashes, name),
             "inputs": input_prints,
         }
         fingerprint = ckpt.fingerprint_of(material)

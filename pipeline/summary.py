@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pipeline import checkpoint as ckpt
+from pipeline.errors import ConfigError
 
 PAD = " " * 23  # continuation lines sit under the headline column
 
@@ -31,7 +32,15 @@ def status(runner) -> str:
     their folders exist."""
     rows = [f"run '{runner.config.run.name}' in {runner.run_dir} (config {runner.config.source})"]
     for stage in runner.stages:
-        found = runner.assess(stage.name)
+        # (a stage the config leaves out is not assessed unless it has a folder: its
+        # default data files need not exist)
+        if stage.name not in runner.enabled and not ckpt.final_dir(runner.run_dir, stage.name).exists() and not ckpt.partial_dir(runner.run_dir, stage.name).exists():
+            continue
+        try:
+            found = runner.assess(stage.name)
+        except ConfigError as e:  # `run` would refuse it with this line; status shows it
+            rows.extend([f"  {stage.name:<6} {'cannot tell':<14} -", f"{PAD}why: {e}"])
+            continue
         if stage.name not in runner.enabled and found.manifest is None and found.partial is None:
             continue
         if found.manifest:

@@ -40,3 +40,18 @@ def test_refused_before_any_stage_trains(case, tmp_path, tiny_model_dir, sft_row
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (not the fixtures' progress bars)
     assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), errors
     assert not any((tmp_path / "runs" / "tiny").iterdir()), "no stage was built or begun"
+
+
+def test_outside_the_checkout_a_default_data_file_is_one_line_and_status_still_works(tmp_path, tiny_model_dir, sft_rows, monkeypatch, capsys):
+    """The default rm data (configs/data/...) is read from the folder you run in: elsewhere,
+    `run rm` names the key, and `status` shows every stage, leaving out the optional dpo."""
+    config = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24]))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "sft    missing" in out and "rm     cannot tell" in out and "why: rm.data.train: no such file or folder: configs/data/" in out
+    assert "dpo" not in out
+    assert cli.main(["run", "rm", "--config", str(config)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rm.data.train: no such file or folder: configs/data/demo_rm.jsonl (relative paths are read from the folder you run in, {tmp_path})"]
+    assert not any((tmp_path / "runs" / "tiny").iterdir())
