@@ -14,6 +14,7 @@ from typing import Literal
 
 from pipeline.config import ConfigError, SettingError, resolve_local, setting
 from pipeline.fallbacks import Fallbacks
+from stages.shared.settings import is_causal_lm
 
 # Used only when the tokenizer has no chat template: plain-text role markers need
 # no new tokens, and every turn ends with EOS so the model learns where to stop.
@@ -50,7 +51,14 @@ class BaseConfig:
 
 
 def check(cfg: BaseConfig) -> None:
-    """Nothing to read ahead of time: the model is validated while it loads."""
+    """A chat template of the user's must parse; the model is validated while it loads."""
+    import jinja2
+
+    if cfg.chat_template:
+        try:  # transformers renders with the loopcontrols extension ({% break %})
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(Path(cfg.chat_template).read_text(encoding="utf-8"))
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"base.chat_template: {cfg.chat_template}:{e.lineno}: {e.message}") from None
 
 
 def headline(metrics: dict) -> str:
@@ -69,7 +77,7 @@ def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         print(f"[base] {note}", flush=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _check_round_trip(tokenizer, out_dir)
+    _check_round_trip(cfg, tokenizer, out_dir)
     return {
         "source": source,
         "architecture": type(model).__name__,
@@ -87,6 +95,7 @@ def run(cfg: BaseConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
 def load(cfg: BaseConfig):
     """Model and tokenizer from any supported source, as a plain (saveable) model."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = resolve_local(cfg.model)
@@ -115,23 +124,22 @@ def load(cfg: BaseConfig):
         raise ConfigError(f"base.model: cannot load the tokenizer of {cfg.model}: {_first_line(e)}") from None
 
     dtype = getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(where, config=model_config, dtype=dtype, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, config=model_config, dtype=dtype, **kwargs)
+    except (OSError, SafetensorError) as e:  # no weights file, or a truncated or corrupt one
+        raise ConfigError(f"base.model: cannot load the weights of {cfg.model}: {_first_line(e)}") from None
     if "gguf_file" in kwargs:
         model = _unquantized_copy(model, dtype)
     return model.to(dtype), tokenizer, source
 
 
 def _is_causal_lm(model_config) -> bool:
-    """The saved architecture decides: a BERT encoder's config type also maps to a
-    causal-LM class (BertLMHeadModel), but its weights are not one."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """The saved architecture decides (is_causal_lm); a config without one, its type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if not model_config.architectures:
         return type(model_config) in MODEL_FOR_CAUSAL_LM_MAPPING
-    causal = set()
-    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        causal.update([names] if isinstance(names, str) else names)
-    return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_config.architectures)
+    return is_causal_lm(model_config.architectures)
 
 
 def _unquantized_copy(model, dtype):
@@ -214,12 +222,16 @@ def end_of_turn_token(tokenizer) -> str | None:
     return next((tok for tok in specials if tok and after.startswith(tok)), None)
 
 
-def _check_round_trip(tokenizer, out_dir: Path) -> None:
+def _check_round_trip(cfg: BaseConfig, tokenizer, out_dir: Path) -> None:
     """A tokenizer converted from GGUF must reload from the saved folder unchanged."""
     from transformers import AutoTokenizer
 
     reloaded = AutoTokenizer.from_pretrained(out_dir)
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "Round trip: 1 + 1 = 2?"}], tokenize=False, add_generation_prompt=True)
+    try:
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "Round trip: 1 + 1 = 2?"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja's errors, or the template's own raise_exception
+        where = f"base.chat_template: {cfg.chat_template}" if cfg.chat_template else f"base.model: the chat template of {cfg.model}"
+        raise ConfigError(f"{where} cannot render a user turn and the assistant's cue: {_first_line(e)}") from None
     same = (
         reloaded(probe)["input_ids"] == tokenizer(probe)["input_ids"]
         and reloaded.eos_token_id == tokenizer.eos_token_id

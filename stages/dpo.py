@@ -112,7 +112,7 @@ def check(cfg: DpoConfig) -> tuple[list, list | None, dict]:
     """Read every row before anything trains: (train, held-out or None, dropped counts)."""
     check_loggers(cfg.report_to, "dpo.report_to")
     check_lora(cfg, "dpo.lora")
-    check_model_folder(cfg.init_from, "dpo.init_from")
+    check_model_folder(cfg.init_from, "dpo.init_from", "causal")
     return preferences.read_data(cfg.data, "dpo")
 
 

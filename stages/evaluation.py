@@ -94,7 +94,7 @@ def check(cfg: EvalConfig) -> None:
     load_judge(cfg.judge, "eval.judge")
     load_judge(cfg.criteria, "eval.criteria")
     for i, other in enumerate(cfg.compare_with):
-        check_model_folder(other.path, f"eval.compare_with[{i}].path")
+        check_model_folder(other.path, f"eval.compare_with[{i}].path", "causal")
 
 
 def headline(metrics: dict) -> str:

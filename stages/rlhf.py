@@ -248,8 +248,8 @@ def check(cfg: RlhfConfig) -> None:
 
     check_loggers(cfg.report_to, "rlhf.report_to")
     check_lora(cfg, "rlhf.lora")
-    check_model_folder(cfg.init_from, "rlhf.init_from")
-    check_model_folder(cfg.reward_model, "rlhf.reward_model")
+    check_model_folder(cfg.init_from, "rlhf.init_from", "causal")
+    check_model_folder(cfg.reward_model, "rlhf.reward_model", "classifier")
     prompts = data.read_prompts(cfg.data.prompts, "rlhf.data.prompts")
     training = len(prompts) if cfg.data.eval_prompts is not None else data.rows_left_to_train(len(prompts), cfg.data.eval_fraction, "rlhf.data.prompts")
     check_prompt_count(cfg, training)
@@ -338,20 +338,18 @@ def check_ptx_count(cfg: RlhfConfig, rows: list[dict]) -> None:
 
 
 def check_reward_folders(cfg: RlhfConfig) -> None:
-    """The reward-model folders that exist before the run (not the run's own rm): one-label
-    classifiers, with the statistics normalising needs. What needs the policy's tokenizer
-    is checked when the stage starts."""
+    """The reward-model folders that exist before the run (not the run's own rm), which
+    check_model_folder found to be classifiers: one label, and the statistics normalising
+    needs. What needs the policy's tokenizer is checked when the stage starts."""
     from transformers import AutoConfig
 
     for i, spec in enumerate(cfg.rewards):
         if kind(spec) == "function" or (spec.source == RUN_RM and cfg.reward_model is None):
             continue
         folder, key = (Path(cfg.reward_model), "rlhf.reward_model") if spec.source == RUN_RM else (Path(spec.source), f"rlhf.rewards[{i}].source")
-        config = AutoConfig.from_pretrained(folder)
-        heads = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
-        if not heads or config.num_labels != 1:
-            made = ", ".join(config.architectures or ["an unknown architecture"])
-            raise ConfigError(f"{key}: {folder} is not a one-label reward model ({made}, num_labels={config.num_labels})")
+        labels = AutoConfig.from_pretrained(folder).num_labels
+        if labels != 1:
+            raise ConfigError(f"{key}: {folder} is not a one-label reward model (num_labels={labels})")
         if spec.normalize and cfg.normalize_scores and reward_stats(folder) is None:
             raise ConfigError(f"rlhf.rewards[{i}]: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
 

@@ -101,7 +101,7 @@ def check_rewards(specs: tuple[RewardSpec, ...], key: str, probe_prompts: list[s
         elif spec.source != RUN_RM:
             if not Path(spec.source).expanduser().is_dir():
                 raise ConfigError(f"{key}[{i}].source: no such folder: {spec.source} (a callable is written module:function)")
-            check_model_folder(spec.source, f"{key}[{i}].source")
+            check_model_folder(spec.source, f"{key}[{i}].source", "classifier")
 
 
 def check_function(source: str, key: str, prompts: list[str]) -> None:

@@ -49,7 +49,7 @@ def check(cfg: SftConfig) -> tuple[list[dict], list[dict] | None]:
     """Read and validate every row before anything trains; returns (train, eval or None)."""
     check_loggers(cfg.report_to, "sft.report_to")
     check_lora(cfg, "sft.lora")
-    check_model_folder(cfg.init_from, "sft.init_from")
+    check_model_folder(cfg.init_from, "sft.init_from", "causal")
     train = [data.sft_example(where, row) for where, row in data.read_rows(cfg.data.train, "sft.data.train")]
     held = None
     if cfg.data.eval is not None:
@@ -124,6 +124,7 @@ def run(cfg: SftConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> di
 
 def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_rows: list[dict], out_dir: Path, seed: int):
     """TRL's SFTTrainer over prompt-completion rows, checkpointing into `out_dir`."""
+    import jinja2
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -141,12 +142,18 @@ def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_
     # After the arguments: under ZeRO-3 they tell from_pretrained to load each process's
     # partition only (zero3_init_flag), so a model larger than one process's memory loads.
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer,
-        peft_config=cfg.lora.peft_config("CAUSAL_LM") if cfg.method == "lora" else None,
-        callbacks=[training.MarkCompleteCheckpoints()],
-    )
+    try:  # TRL renders every row with the chat template here
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows),
+            processing_class=tokenizer,
+            peft_config=cfg.lora.peft_config("CAUSAL_LM") if cfg.method == "lora" else None,
+            callbacks=[training.MarkCompleteCheckpoints()],
+        )
+    except jinja2.TemplateError as e:
+        raise ConfigError(
+            f"sft: the chat template of {model_dir} cannot render the training rows ({str(e).strip().splitlines()[0]}); "
+            "give base.chat_template one that renders user and assistant turns"
+        ) from None

@@ -4,6 +4,7 @@ and may change a default by declaring the field again)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,10 +93,40 @@ class TrainerSettings:
         return {"lora"} if self.method == "full" else set()
 
 
-def check_model_folder(value: str | None, key: str) -> None:
-    """A folder the user named in place of a stage's input must hold a model."""
-    if value is not None and not (resolve_local(value, hub_allowed=False) / "config.json").is_file():
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_folder(value: str | None, key: str, kind: Literal["causal", "classifier", "any"] = "any") -> None:
+    """A folder the user named in place of a stage's input must hold a model, with its
+    weights, of the kind the stage reads: a causal LM (a policy) or a sequence classifier
+    (a reward model). Read from config.json alone, before anything trains."""
+    if value is None:
+        return
+    folder = resolve_local(value, hub_allowed=False)
+    if not (folder / "config.json").is_file():
         raise ConfigError(f"{key}: {value} is not a model folder (no config.json)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"{key}: {value} has no weights ({', '.join(WEIGHT_FILES)})")
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{key}: {value}/config.json is not a readable model config ({e})") from None
+    causal, classifier = is_causal_lm(architectures), any(a.endswith("ForSequenceClassification") for a in architectures)
+    if architectures and ((kind == "causal" and not causal) or (kind == "classifier" and not classifier)):
+        wanted = "a causal language model" if kind == "causal" else "a sequence-classification (reward) model"
+        raise ConfigError(f"{key}: {value} is a {', '.join(architectures)}, not {wanted}")
+
+
+def is_causal_lm(architectures: list[str]) -> bool:
+    """Whether a config's saved architectures name a causal LM. The names decide: a BERT
+    encoder's config type also maps to a causal-LM class (BertLMHeadModel), but its
+    weights are not one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 def check_loggers(names: tuple[str, ...], key: str) -> None:

@@ -31,7 +31,7 @@ def test_refused_before_any_stage_trains(case, tmp_path, tiny_model_dir, sft_row
         "dpo prompts": ("dpo", {"dpo": {"data": {"train": str(one_prompt)}}}, "dpo.data.train: 1 distinct prompt(s) are too few to hold some out"),
         "rlhf prompts": ("rlhf", {"rlhf": {**rlhf, "data": {"prompts": str(few)}}}, "rlhf.data.prompts: 2 training prompt(s), fewer than one step's 8"),
         "causal LM as RM": ("rlhf", {"rlhf": {**rlhf, "reward_model": str(tiny_model_dir)}},
-                            f"rlhf.reward_model: {tiny_model_dir} is not a one-label reward model (LlamaForCausalLM, num_labels=2)"),
+                            f"rlhf.reward_model: {tiny_model_dir} is a LlamaForCausalLM, not a sequence-classification (reward) model"),
         "RM without stats": ("rlhf", {"rlhf": {**rlhf, "reward_model": str(a_one_label_classifier(tiny_model_dir, tmp_path / "rm"))}},
                              f"rlhf.rewards[0]: {tmp_path / 'rm'} has no reward_mean/reward_std in its manifest"),
     }[case]

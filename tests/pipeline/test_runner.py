@@ -138,6 +138,26 @@ def test_init_from_must_be_a_model_folder(tmp_path, sft_rows, tiny_model_dir, ca
     assert capsys.readouterr().err == f"error: sft.init_from: {tmp_path / 'notamodel'} is not a model folder (no config.json)\n"
 
 
+@pytest.mark.parametrize("folder", ["no weights", "classifier"])
+def test_init_from_must_hold_the_weights_of_a_causal_lm(folder, tmp_path, sft_rows, tiny_model_dir, capsys):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    given = tmp_path / folder.replace(" ", "-")
+    if folder == "no weights":
+        shutil.copytree(tiny_model_dir, given)
+        (given / "model.safetensors").unlink()
+        expected = f"{given} has no weights (model.safetensors, "
+    else:
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(given)
+        expected = f"{given} is a LlamaForSequenceClassification, not a causal language model"
+    config = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", sft_rows[:10]), sft={"init_from": str(given)})
+    assert run_cli("run", "sft", "--config", str(config)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: sft.init_from: {expected}"), errors
+
+
 def test_bad_data_fails_before_any_stage_runs(tmp_path, tiny_model_dir, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": ""}\n')

@@ -143,3 +143,35 @@ def test_a_chat_template_that_cannot_render_is_said_once_and_kept_in_the_manifes
     assert len(said) == 1 and "assistant turns are not supported" in said[0], out
     manifest = json.loads((tmp_path / "runs" / "tiny" / "base" / "manifest.json").read_text())
     assert len(manifest["fallbacks"]) == 1 and manifest["fallbacks"][0].startswith("the chat template cannot render")
+    # SFT renders assistant turns, so it refuses that template in one line before training
+    assert cli.main(["run", "sft", "--config", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: sft: the chat template of ") and "assistant turns are not supported" in errors[0], errors
+    assert not (tmp_path / "runs" / "tiny" / ".sft.partial").exists()
+
+
+def test_weights_missing_or_truncated_are_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    for name, damage in (("no-weights", lambda f: f.unlink()), ("truncated", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]))):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        damage(folder / "model.safetensors")
+        with pytest.raises(ConfigError, match=rf"^base.model: cannot load the weights of {folder}: "):
+            run_base(folder, tmp_path / "out")
+
+
+def test_a_chat_template_of_the_users_that_does_not_parse_is_refused_before_anything_runs(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    with pytest.raises(ConfigError) as e:
+        base.check(base.BaseConfig(model="x", chat_template=str(template)))
+    assert str(e.value).startswith(f"base.chat_template: {template}:2: ")
+
+
+def test_a_chat_template_that_cannot_render_a_prompt_is_one_line(tiny_model_dir, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ raise_exception('no prompts here') }}")
+    with pytest.raises(ConfigError) as e:
+        run_base(tiny_model_dir, tmp_path / "out", chat_template=str(template))
+    assert str(e.value) == f"base.chat_template: {template} cannot render a user turn and the assistant's cue: no prompts here"

@@ -130,7 +130,8 @@ def test_a_reward_model_folder_must_exist_and_hold_a_model(tmp_path):
 def test_good_sources_pass_and_none_and_bools_are_ratings(tmp_path):
     folder = tmp_path / "other_rm"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
+    (folder / "model.safetensors").write_bytes(b"")
     calls.clear()
     specs = (RewardSpec("rm"), RewardSpec(str(folder), weight=0.5), source("none_and_bools"), RewardSpec("demo.rewards:correct"), RewardSpec("demo.rewards:gold", role="audit"))
     check_rewards(specs, "rlhf.rewards", PROMPTS)
