@@ -190,8 +190,13 @@ def _accelerator(cfg, job: Job):
     """The run's accelerator, and its fallbacks (which start with a sharding the launch
     asked for and accelerate dropped)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     precision = device.mixed_precision(cfg.precision)
+    # A Trainer stage earlier in this process (`run sft rlhf`) left accelerate's shared
+    # state at its own precision, which this Accelerator may not change; the Trainer resets
+    # it the same way. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # accelerate runs DeepSpeed only when not told cpu; DeepSpeed finds its own accelerator (its CPU one included)
         cpu=device.cpu_only() and not device.asked_for("DEEPSPEED"),

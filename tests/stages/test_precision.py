@@ -52,3 +52,18 @@ def test_the_reward_model_learns_a_planted_preference_in_bf16(bf16_run):
     before, after = metrics["eval_before"], metrics["eval_after"]
     assert after["accuracy"] >= 0.95, (before, after)
     assert after["margin"] > 1.0 > 50 * abs(before["margin"]), "a fresh head barely separates; the trained one does"
+
+
+def test_stages_of_one_process_may_differ_in_precision(tiny_model_dir, sft_rows, tmp_path):
+    """`run rlhf` builds rm (here bf16) and rlhf (fp32) in one process: the rm Trainer's
+    accelerate state must not pin the precision of the rlhf stage's Accelerator."""
+    rankings = write_jsonl(tmp_path / "rankings.jsonl", planted_rankings(sft_rows, 24))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in sft_rows[:24]])
+    path = tiny_config(
+        tmp_path, tiny_model_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24]), sft={"max_steps": 2},
+        rm={**TINY_RM, "max_steps": 2, "data": {"train": str(rankings)}, **BF16},
+        rlhf={"data": {"prompts": str(prompts)}, "steps": 1, "batch_size": 4, "minibatch_size": 4, "microbatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 4},
+    )
+    assert cli.main(["run", "rlhf", "--config", str(path)]) == 0
+    manifests = {stage: json.loads((tmp_path / "runs" / "tiny" / stage / "manifest.json").read_text()) for stage in ("rm", "rlhf")}
+    assert manifests["rm"]["metrics"]["precision"] == "bf16" and manifests["rlhf"]["config"]["precision"] == "fp32"
