@@ -29,7 +29,7 @@ from pipeline.config import REQUIRED, SettingError, setting
 from pipeline.fallbacks import Fallbacks
 from stages import eval_report as report
 from stages.shared import data
-from stages.shared.judge import load_judge, reward_stats
+from stages.shared.judge import judged, load_judge, probe_judge, reward_stats
 from stages.shared.settings import check_model_folder
 
 RESERVED = ("base", "sft", "rm", "rlhf", "dpo")
@@ -90,9 +90,9 @@ class EvalConfig:
 
 
 def check(cfg: EvalConfig) -> None:
-    data.read_prompts(cfg.prompts, "eval.prompts")
-    load_judge(cfg.judge, "eval.judge")
-    load_judge(cfg.criteria, "eval.criteria")
+    prompts = [p[-1]["content"] for p in data.read_prompts(cfg.prompts, "eval.prompts")]
+    probe_judge(cfg.judge, "eval.judge", prompts)
+    probe_judge(cfg.criteria, "eval.criteria", prompts, parts=True)
     for i, other in enumerate(cfg.compare_with):
         check_model_folder(other.path, f"eval.compare_with[{i}].path", "causal")
 
@@ -142,9 +142,9 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
         torch.manual_seed(seed)  # every policy draws from the same random stream
         samples[name] = sample_and_score(Scorers(policy, reference, reward_model, tokenizer, stats, layout), prompts, cfg)
         for row, text in zip(samples[name], texts, strict=True):
-            row["gold"] = judge(text, row["response"]) if judge else None
+            row["gold"] = judged(judge, cfg.judge, "eval.judge", text, row["response"]) if judge else None
             if criteria:
-                row["criteria"] = criteria(text, row["response"])
+                row["criteria"] = judged(criteria, cfg.criteria, "eval.criteria", text, row["response"], parts=True)
         print(f"[eval] {name}: {len(prompts)} responses to {len(distinct)} prompts sampled and scored")
         del policy
 

@@ -22,7 +22,7 @@ from typing import Literal
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, SettingError, setting
 from stages.shared import preferences
-from stages.shared.judge import load_judge
+from stages.shared.judge import judged, load_judge, probe_judge
 from stages.shared.settings import TrainerSettings, check_loggers, check_lora, check_model_folder
 
 
@@ -70,9 +70,10 @@ def check(cfg: RmConfig) -> tuple[list, list | None, dict]:
     """Read every row before anything trains: (train, held-out or None, dropped counts)."""
     check_loggers(cfg.report_to, "rm.report_to")
     check_lora(cfg, "rm.lora")
-    load_judge(cfg.criteria, "rm.criteria")
     check_model_folder(cfg.init_from, "rm.init_from")
-    return preferences.read_data(cfg.data, "rm")
+    train, held, dropped = preferences.read_data(cfg.data, "rm")
+    probe_judge(cfg.criteria, "rm.criteria", [r.prompt[-1]["content"] for r in (held or train)], parts=True)
+    return train, held, dropped
 
 
 def headline(metrics: dict) -> str:
@@ -112,7 +113,7 @@ def encode_all(tokenizer, rankings, cfg: RmConfig, dropped: dict, criteria=None)
             example = encode(tokenizer, ranking, cfg.max_length, cfg.margin, cfg.max_prompt_length)
             if criteria is not None:
                 text = ranking.prompt[-1]["content"]
-                parts = [criteria(text, completion) for completion in ranking.completions]
+                parts = [judged(criteria, cfg.criteria, "rm.criteria", text, completion, parts=True) for completion in ranking.completions]
                 example["kinds"] = [pair_kind(parts[i], parts[j]) for i, j in ranking.pairs]
             examples.append(example)
         except preferences.BadRow as e:

@@ -17,7 +17,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import cli, generate
 from pipeline.config import ConfigError, SettingError
 from stages import evaluation
-from stages.shared.judge import load_judge
+from stages.shared.judge import load_judge, probe_judge
 from tests.conftest import ROOT, TINY_RM, tiny_config, write_jsonl
 
 JUDGE = "demo.judge:gold_score"
@@ -162,7 +162,48 @@ def test_a_judge_named_wrongly_is_refused(spec, message):
         load_judge(spec, "eval.judge")
 
 
+def raises(prompt, response):
+    raise KeyError(prompt)
+
+
+def says_nan(prompt, response):
+    return float("nan")
+
+
+def says_text(prompt, response):
+    return "good"
+
+
+def takes_one(response):
+    return 1.0
+
+
+def parts_as_list(prompt, response):
+    return [1, 0]
+
+
+def nan_only_when_answered(prompt, response):
+    return float("nan") if response else 1.0
+
+
+@pytest.mark.parametrize("spec, parts, message", [
+    ("raises", False, "eval.judge: tests.stages.test_eval:raises raised KeyError('What is 2+2?') on prompt 'What is 2+2?' (response '')"),
+    ("says_nan", False, "eval.judge: tests.stages.test_eval:says_nan returned nan, not a finite number or None, on prompt 'What is 2+2?' (response '')"),
+    ("says_text", False, "eval.judge: tests.stages.test_eval:says_text returned a str, not a finite number or None, on prompt"),
+    ("takes_one", False, "eval.judge: tests.stages.test_eval:takes_one(response) cannot be called as takes_one(prompt: str, response: str)"),
+    ("parts_as_list", True, "eval.judge: tests.stages.test_eval:parts_as_list returned a list, not a dict of names to numbers or bools, or None, on prompt"),
+    ("nan_only_when_answered", False, "returned nan, not a finite number or None, on prompt 'What is 2+2?' (response 'The answer is 4.')"),
+])
+def test_a_judge_that_cannot_rate_is_refused_by_its_probe(spec, parts, message):
+    with pytest.raises(ConfigError) as caught:
+        probe_judge(f"tests.stages.test_eval:{spec}", "eval.judge", [], parts=parts)
+    assert message in str(caught.value)
+    assert probe_judge("demo.judge:gold_parts", "eval.criteria", ["What is 2+2?"], parts=True) is None  # the demo's pass
+
+
 @pytest.mark.parametrize("section, settings, message", [
+    ("eval", {"judge": "tests.stages.test_eval:says_nan"}, "eval.judge: tests.stages.test_eval:says_nan returned nan"),
+    ("rm", {"criteria": "tests.stages.test_eval:raises"}, "rm.criteria: tests.stages.test_eval:raises raised KeyError"),
     ("rm", {"criteria": "demo.judge:missing"}, "rm.criteria: 'demo.judge' has no function 'missing'"),
     ("rlhf", {"rewards": [{"source": "rm"}, {"source": "demo.rewards:missing", "role": "audit"}]}, "rlhf.rewards[1].source: 'demo.rewards' has no function 'missing'"),
     ("rlhf", {"judge": "demo.judge:gold_score"}, "rlhf.judge: is now an audit reward source: rewards: [{source: rm}, {source: demo.rewards:gold, role: audit, name: gold}]"),
