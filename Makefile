@@ -24,7 +24,7 @@ TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-CONFIG_ARGS := --config $(CONFIG) $(if $(strip $(SET)),--set "$(SET)")
+CONFIG_ARGS := --config $(CONFIG) $(if $(strip $(SET)),--set-many "$(SET)")
 RUN_ARGS := $(CONFIG_ARGS) $(if $(filter 1 yes true,$(FORCE)),--force)
 
 STAGE ?= rlhf

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +50,7 @@ def run_rlhf(work: Path, run_dir: Path, sets: list[str]) -> Path:
 
 def train(name: str, run_dir: Path, out_root: Path) -> dict:
     """The rlhf stage for one variant, in a process of its own; returns its wall time and manifest metrics."""
-    # Quoted: the CLI splits a --set value on spaces the way make passes SET="a=1 b=2".
-    sets = [f"rlhf.{key}={shlex.quote(json.dumps(value))}" for key, value in VARIANTS[name].items()]
+    sets = [f"rlhf.{key}={json.dumps(value)}" for key, value in VARIANTS[name].items()]
     folder = run_rlhf(out_root.parent / f"{out_root.name}-{name}", run_dir, sets)
     manifest = json.loads((folder / "manifest.json").read_text())
     metrics = manifest["metrics"]  # a variant already built is reused by the runner: its build time is in the manifest

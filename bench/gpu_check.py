@@ -112,7 +112,7 @@ def pipeline(scratch: Path, shape: str | None, limit: float) -> dict:
     if shape:
         random_base(Path(shape), scratch / "random-base")
         sets.append(f"base.model={scratch / 'random-base'}")
-    command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/default.yaml", "--set", " ".join(sets)]
+    command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/default.yaml"] + [arg for s in sets for arg in ("--set", s)]
     result = _run(command, limit)
     result.pop("stdout")
     run_dir = scratch / "runs" / "default"

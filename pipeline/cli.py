@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     names = [stage.name for stage in STAGES]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (YAML); default {DEFAULT_CONFIG}")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. sft.learning_rate=1e-5; repeatable")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. sft.learning_rate=1e-5; repeatable; the value is YAML, spaces and all")
+    common.add_argument("--set-many", action="append", default=[], metavar="'K=V K=V'", help="several overrides in one string, split as a shell would (make's SET)")
     prog = "rlhf-pipeline" if Path(sys.argv[0]).name == "rlhf-pipeline" else "python -m pipeline"
     top = argparse.ArgumentParser(prog=prog, description=f"rlhf-pipeline: {' -> '.join(names)}, with a checkpoint after each stage.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: run: unknown stage {unknown[0]!r} (stages: {', '.join(names)})", file=sys.stderr)
         return EXIT_BAD_INPUT
-    overrides = [item for text in args.set for item in _split(text)]
+    # --set is one KEY=VALUE whatever its value holds (rlhf.rewards=[{source: rm, weight: 2}]);
+    # make's SET="a=1 b='x y'" comes as --set-many and is split as a shell would
+    overrides = [item for text in args.set_many for item in configuration.parse_overrides(text)] + list(args.set)
     if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
         print(f"error: {DEFAULT_CONFIG}: config file not found (it is in the checkout; elsewhere pass --config FILE)", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -109,7 +112,3 @@ def entry() -> None:
     exit_process(main())
 
 
-def _split(text: str) -> list[str]:
-    # make passes SET="a=1 b=2" as one --set; a single KEY=VALUE with spaces in the
-    # value still works when it is quoted inside SET.
-    return configuration.parse_overrides(text)

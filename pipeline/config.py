@@ -106,14 +106,20 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs
         if EXTENDS in base:
             raise ConfigError(f"{base_path}:{base_lines[EXTENDS]}: extends: a config that is extended cannot extend another")
         data = _merge(base, data)
-        lines = {**{key: f"{base_path}:{line}" for key, line in base_lines.items()}, **lines}
+        # a list the child writes replaces the base's whole, items and their lines
+        kept = {key: line for key, line in base_lines.items() if not any(key.startswith(f"{own}[") for own in lines)}
+        lines = {**{key: f"{base_path}:{line}" for key, line in kept.items()}, **lines}
     lines.pop(EXTENDS, None)
 
     for item in overrides:
         _apply_override(data, item, lines)
 
     def locate(key: str) -> str:
-        line = lines.get(key)
+        # a key nobody wrote (a default, or inside a value given whole) is where its nearest writer put it
+        written = key
+        while written not in lines and _parent(written):
+            written = _parent(written)
+        line = lines.get(written)
         if line == "--set":
             return f"--set {key}"
         if isinstance(line, str):  # file:line in the config this one extends
@@ -127,6 +133,11 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...], stage_configs
     built = {name: build(cls, data.get(name), name, locate) for name, cls in sections.items()}
     run = built.pop("run")
     return Config(source=where, run=run, stages=built, named=frozenset(data) - {"run"})
+
+
+def _parent(key: str) -> str:
+    """rlhf.rewards[0].weight -> rlhf.rewards[0] -> rlhf.rewards -> rlhf -> ''."""
+    return key[: max(key.rfind("."), key.rfind("["), 0)]
 
 
 EXTENDS = "extends"
@@ -190,6 +201,8 @@ def _apply_override(data: dict, item: str, lines: dict[str, Any]) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+    for stale in [k for k in lines if k.startswith((f"{key}.", f"{key}["))]:
+        del lines[stale]  # what the file wrote under the key: the override replaced it
     for depth in range(len(parts)):
         lines.setdefault(".".join(parts[: depth + 1]), "--set")
     lines[key] = "--set"
@@ -281,8 +294,14 @@ def _convert(value: Any, hint: Any, key: str, locate) -> Any:
             raise _TypeMismatch(f"expected one of {', '.join(map(repr, args))}, got {_show(value)}")
         return value
     if origin is tuple:
+        if value is None:
+            raise _TypeMismatch("expected a list, got null")
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(_convert(v, args[0], f"{key}[{i}]" if dataclasses.is_dataclass(args[0]) else key, locate) for i, v in enumerate(items))
+    return _convert_scalar(value, hint, key)
+
+
+def _convert_scalar(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
             raise _TypeMismatch(f"expected true or false, got {_show(value)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,35 @@ def test_extends_refuses_what_it_cannot_follow(tmp_path, child, base, message):
         (tmp_path / "base.yaml").write_text(base)
     path = write(tmp_path, child)
     assert error_of(path) == message.format(path=path, tmp=tmp_path)
+
+
+def test_a_list_given_whole_is_located_where_it_was_given(tmp_path):
+    """Items of a list the file wrote are not blamed for a list that --set or a child
+    config gave in its place; a null list is refused, not taken for one empty item."""
+    (tmp_path / "base.yaml").write_text("rlhf:\n  rewards:\n    - source: rm\n    - {source: demo.rewards:gold, role: audit}\n")
+    path = write(tmp_path, "extends: base.yaml\n")
+    assert error_of(path, ["rlhf.rewards=[{source: rm, wieght: 2}]"]).startswith("--set rlhf.rewards[0].wieght: unknown setting")
+    assert error_of(path, ["rlhf.rewards=[{weight: 2}]"]) == "--set rlhf.rewards[0]: missing required setting 'source'"
+    child = write(tmp_path, "extends: base.yaml\nrlhf:\n  rewards:\n    - {source: rm, wieght: 2}\n")
+    assert error_of(child).startswith(f"{child}:4: rlhf.rewards[0].wieght: unknown setting")
+    child = write(tmp_path, "extends: base.yaml\nrlhf:\n  rewards: null\n")
+    assert error_of(child) == f"{child}:3: rlhf.rewards: expected a list, got null"
+
+
+def test_cli_set_takes_a_value_with_spaces_whole_and_set_many_splits(tmp_path, capsys):
+    path = write(tmp_path, "sft:\n  max_steps: 7\n")
+    assert cli.main(["config", "--config", str(path), "--set", "rlhf.rewards=[{source: rm, weight: 2}]", "--set-many", "sft.batch_size=3 run.name='my run'"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["rlhf"]["rewards"][0]["weight"] == 2.0 and resolved["sft"]["batch_size"] == 3 and resolved["run"]["name"] == "my run"
+
+
+def test_make_passes_set_to_the_cli_as_several_overrides(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "sft:\n  max_steps: 7\n")
+    # PY points make at this interpreter; the install stamp is not asked for (-o)
+    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "config", f"PY={sys.executable}", f"CONFIG={path}", "SET=sft.batch_size=3 run.name='a b'"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    resolved = json.loads(done.stdout)
+    assert resolved["sft"]["batch_size"] == 3 and resolved["run"]["name"] == "a b"
