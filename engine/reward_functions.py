@@ -35,7 +35,7 @@ def rate(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[
     try:
         # Copies: a function that edits its arguments must not edit the caller's.
         out = fn(list(prompts), list(completions))
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a sys.exit() in user code is its failure, not the run's exit
         raise culprit(name, fn, prompts, completions, e) from e
     if not isinstance(out, (list, tuple)):
         raise RewardFunctionError(name, f"returned {show(out)}, not a list of {n} ratings", prompts[0])
@@ -56,7 +56,7 @@ def rate(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[
     return torch.tensor(ratings, dtype=torch.float32)
 
 
-def culprit(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[str], error: Exception) -> RewardFunctionError:
+def culprit(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[str], error: BaseException) -> RewardFunctionError:
     """The error for `fn` raising `error` on a batch, naming the first pair that makes it
     raise alone: the batch call cannot say which one did. Runs only when the run is
     stopping anyway, so the extra calls cost nothing that matters."""
@@ -65,7 +65,7 @@ def culprit(name: str, fn: Callable, prompts: Sequence[str], completions: Sequen
     for prompt, completion in zip(prompts, completions):
         try:
             fn([prompt], [completion])
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             return RewardFunctionError(name, f"raised {show_error(e)}", prompt, completion)
     return RewardFunctionError(name, f"raised {show_error(error)} on the whole batch but on no pair alone", prompts[0])
 
@@ -84,6 +84,6 @@ def show(value) -> str:
     return f"{text} (a {type(value).__name__})"
 
 
-def show_error(error: Exception) -> str:
+def show_error(error: BaseException) -> str:
     text = repr(error)
     return text if len(text) <= 200 else text[:197] + "..."

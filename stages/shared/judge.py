@@ -56,7 +56,7 @@ def judged(fn: Callable, spec: str, key: str, prompt: str, response: str, parts:
     line naming `key` and the prompt: a judge is user input."""
     try:
         value = fn(prompt, response)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a sys.exit() in a judge is its failure, not the run's exit
         raise ConfigError(f"{key}: {spec} raised {e!r} on prompt {quote(prompt)} (response {quote(response)})") from None
     problem = _parts_problem(value) if parts else None if value is None else _number_problem(value)
     if problem:

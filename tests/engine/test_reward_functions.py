@@ -45,6 +45,10 @@ def boom(prompts, completions):
     return [56 / (0 if "7 times 8" in p else 1) for p in prompts]
 
 
+def exits(prompts, completions):
+    raise SystemExit(5)
+
+
 def only_in_batches(prompts, completions):
     if len(prompts) > 1:
         raise ValueError("big")
@@ -53,6 +57,7 @@ def only_in_batches(prompts, completions):
 
 @pytest.mark.parametrize(("fn", "message"), [
     (boom, "reward function t:f raised ZeroDivisionError('division by zero') on prompt 'What is 7 times 8?' (completion 'Sure! 56.')"),
+    (exits, "reward function t:f raised SystemExit(5) on prompt 'What is 3 + 4?' (completion '7.')"),
     (only_in_batches, "reward function t:f raised ValueError('big') on the whole batch but on no pair alone (a batch starting with prompt 'What is 3 + 4?')"),
     (ratings([1.0, 2.0]), "reward function t:f returned 2 ratings for 3 completions (a batch starting with prompt 'What is 3 + 4?')"),
     (lambda p, c: 0.5, "reward function t:f returned 0.5 (a float), not a list of 3 ratings (a batch starting with prompt 'What is 3 + 4?')"),

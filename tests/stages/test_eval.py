@@ -166,6 +166,10 @@ def raises(prompt, response):
     raise KeyError(prompt)
 
 
+def exits(prompt, response):
+    raise SystemExit(5)
+
+
 def says_nan(prompt, response):
     return float("nan")
 
@@ -188,6 +192,7 @@ def nan_only_when_answered(prompt, response):
 
 @pytest.mark.parametrize("spec, parts, message", [
     ("raises", False, "eval.judge: tests.stages.test_eval:raises raised KeyError('What is 2+2?') on prompt 'What is 2+2?' (response '')"),
+    ("exits", False, "eval.judge: tests.stages.test_eval:exits raised SystemExit(5) on prompt 'What is 2+2?' (response '')"),
     ("says_nan", False, "eval.judge: tests.stages.test_eval:says_nan returned nan, not a finite number or None, on prompt 'What is 2+2?' (response '')"),
     ("says_text", False, "eval.judge: tests.stages.test_eval:says_text returned a str, not a finite number or None, on prompt"),
     ("takes_one", False, "eval.judge: tests.stages.test_eval:takes_one(response) cannot be called as takes_one(prompt: str, response: str)"),
