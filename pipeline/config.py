@@ -157,6 +157,8 @@ def _read(path: Path, stage_configs: dict[str, type]) -> tuple[dict, dict[str, A
     try:
         data = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
+    except ConfigError as e:  # a duplicate key, found by line
+        raise ConfigError(f"{where}:{e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -214,6 +216,8 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
+            if key in found:  # YAML itself would keep the last one silently
+                raise ConfigError(f"{key_node.start_mark.line + 1}: {key}: written twice in one mapping (first on line {found[key]})")
             found[key] = key_node.start_mark.line + 1
             found.update(_key_lines(value_node, key + "."))
     elif isinstance(node, yaml.SequenceNode) and prefix:

@@ -260,3 +260,10 @@ def test_make_passes_set_to_the_cli_as_several_overrides(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, check=True)
     resolved = json.loads(done.stdout)
     assert resolved["sft"]["batch_size"] == 3 and resolved["run"]["name"] == "a b"
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    path = write(tmp_path, "sft:\n  learning_rate: 1.0e-5\n  max_steps: 3\n  learning_rate: 1.0e-3\n")
+    assert error_of(path) == f"{path}:4: sft.learning_rate: written twice in one mapping (first on line 2)"
+    path = write(tmp_path, "sft:\n  max_steps: 3\nsft:\n  max_steps: 4\n")
+    assert error_of(path) == f"{path}:3: sft: written twice in one mapping (first on line 1)"
