@@ -79,7 +79,7 @@ def load_models(cfg, policy_dir: Path, rm_dir: Path | None, reward_std: float = 
     layout = LAYOUTS[(cfg.value_model, cfg.method)] if critic else NoValue
     model = AutoModelForCausalLM.from_pretrained(policy_dir, **no_dropout(policy_dir))
     head = head_from(reward_model, reward_std) if layout.uses_head else None
-    lora = cfg.lora.peft_config("CAUSAL_LM", dropout=0.0) if cfg.method == "lora" else None
+    lora = cfg.lora.peft_config("CAUSAL_LM", dropout=0.0, model=model, key="rlhf.lora") if cfg.method == "lora" else None
     policy = Policy.wrap(model, lora)
     reference = AdapterOffReference(policy) if policy.lora else FrozenReference.load(policy_dir)
     value = layout.build(BuildInputs(cfg, policy, reward_model, rm_dir, reward_std, head, lora, note))

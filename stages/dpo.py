@@ -285,13 +285,14 @@ def build_trainer(cfg: DpoConfig, model_dir: Path, tokenizer, train: list[list[d
         eval_strategy="no",
     )
     lora = cfg.method == "lora"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     return PairsDPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        model=model,
         ref_model=None if lora else AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
         train_dataset=Dataset.from_list([row for rows in train for row in rows]),
         processing_class=tokenizer,
-        peft_config=cfg.lora.peft_config("CAUSAL_LM") if lora else None,
+        peft_config=cfg.lora.peft_config("CAUSAL_LM", model=model, key="dpo.lora") if lora else None,
         callbacks=[training.MarkCompleteCheckpoints()],
     )
 

@@ -274,7 +274,7 @@ def build_trainer(cfg: RmConfig, model, collate: RankingCollator, train: list[di
         data_collator=collate,
         train_dataset=Dataset.from_list([{k: v for k, v in e.items() if k not in ("cut", "cut_prompt")} for e in train]),
         processing_class=collate.tokenizer,
-        peft_config=cfg.lora.peft_config("SEQ_CLS") if cfg.method == "lora" else None,
+        peft_config=cfg.lora.peft_config("SEQ_CLS", model=model, key="rm.lora") if cfg.method == "lora" else None,
         callbacks=[training.MarkCompleteCheckpoints()],
     )
 

@@ -149,7 +149,7 @@ def build_trainer(cfg: SftConfig, model_dir: Path, train_rows: list[dict], eval_
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tokenizer,
-            peft_config=cfg.lora.peft_config("CAUSAL_LM") if cfg.method == "lora" else None,
+            peft_config=cfg.lora.peft_config("CAUSAL_LM", model=model, key="sft.lora") if cfg.method == "lora" else None,
             callbacks=[training.MarkCompleteCheckpoints()],
         )
     except jinja2.TemplateError as e:

@@ -33,12 +33,20 @@ class LoraSettings:
         if not [m for m in self.target_modules.split(",") if m.strip()]:
             raise SettingError("target_modules", "must name at least one module (or all-linear)")
 
-    def peft_config(self, task_type: str | None, dropout: float | None = None):
+    def peft_config(self, task_type: str | None, dropout: float | None = None, *, model=None, key: str = "lora"):
         """peft's LoraConfig. For SEQ_CLS, peft also trains and saves the new scalar head
-        in full. `dropout` overrides the setting (PPO runs without dropout)."""
+        in full. `dropout` overrides the setting (PPO runs without dropout). With `model`,
+        named target modules it lacks are refused in one line naming `key` (peft's own
+        error comes as the trainer wraps the model, a traceback)."""
         from peft import LoraConfig
 
         modules = self.target_modules if self.target_modules == "all-linear" else [m.strip() for m in self.target_modules.split(",")]
+        if model is not None and modules != "all-linear":
+            names = [name for name, _ in model.named_modules()]
+            missing = [m for m in modules if not any(name == m or name.endswith(f".{m}") for name in names)]
+            if missing:
+                linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if type(module).__name__ == "Linear"})
+                raise ConfigError(f"{key}.target_modules: {', '.join(missing)} not in the model (its linear layers: {', '.join(linear)})")
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout if dropout is None else dropout, target_modules=modules, task_type=task_type)
 
 

@@ -129,3 +129,12 @@ def test_a_model_that_pads_with_eos_is_refused(tiny_model_dir, tmp_path):
     rows = examples([{"prompt": "a", "response": "b"}])
     with pytest.raises(ConfigError, match="pads with EOS"):
         sft.build_trainer(sft.SftConfig(max_steps=1), tiny_model_dir, rows, rows, tmp_path, seed=0)
+
+
+def test_lora_targets_the_model_lacks_are_one_line_before_training(tiny_model_dir, sft_rows, tmp_path, capsys):
+    config = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "sft.jsonl", sft_rows[:24]),
+                         sft={"method": "lora", "lora": {"target_modules": "q_proj, nonexistent_proj"}})
+    assert cli.main(["run", "sft", "--config", str(config)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: sft.lora.target_modules: nonexistent_proj not in the model (its linear layers: "), errors
+    assert "q_proj" in errors[0] and not (tmp_path / "runs" / "tiny" / ".sft.partial").exists()
