@@ -101,9 +101,11 @@ def load_reward_model(rm_dir: Path) -> nn.Module:
     return reward_model
 
 
-def check_same_tokenizer(tokenizer, rm_dir: Path) -> None:
+def check_same_tokenizer(tokenizer, rm_dir: Path, key: str, policy: str) -> None:
+    """The reward model at `rm_dir` (named by `key`) reads the ids of the policy's
+    tokenizer (`policy` says where the policy came from)."""
     from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(rm_dir)
     if theirs.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"{rm_dir}: the reward model's tokenizer differs from the policy's; it would score token ids it does not know (train the RM from this SFT model)")
+        raise ConfigError(f"{key}: the tokenizer of {rm_dir} differs from the policy's ({policy}); it would score token ids it does not know (train the reward model from the policy's base)")

@@ -299,12 +299,13 @@ def train(cfg: RlhfConfig, policy_dir: Path, rm_dir: Path, out_dir: Path, seed: 
     rows = ptx_rows(cfg) if cfg.ptx_coef > 0 else None
     if rows is not None:
         check_ptx_count(cfg, rows)
-    sources = reward_sources(cfg, Path(rm_dir), tokenizer)
+    policy = f"rlhf.init_from: {policy_dir}" if cfg.init_from else str(policy_dir)
+    sources = reward_sources(cfg, Path(rm_dir), tokenizer, policy)
     job = driver.Job(Path(policy_dir), Path(out_dir), seed, tokenizer, prompts, held, sources, rows)
     return driver.train(cfg, job)
 
 
-def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer):
+def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer, policy: str):
     """The configured reward sources as the engine's records: folders checked against the
     policy's tokenizer and given their held-out statistics, functions loaded."""
     from engine.models import check_same_tokenizer
@@ -319,7 +320,7 @@ def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer):
             sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, function=function, spec=spec.source))
             continue
         folder = rm_dir if spec.source == RUN_RM else Path(spec.source)
-        check_same_tokenizer(tokenizer, folder)
+        check_same_tokenizer(tokenizer, folder, "rlhf.reward_model" if spec.source == RUN_RM and cfg.reward_model else f"{key}.source", policy)
         stats = reward_stats(folder) if normalize else None
         if normalize and stats is None:
             raise ConfigError(f"{key}: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")

@@ -3,6 +3,8 @@ run that stops with its own message when the numbers stop being finite."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
@@ -20,8 +22,12 @@ def test_a_reward_model_with_another_tokenizer_is_refused(policy_dir, prompts, t
     config_ = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
     LlamaForSequenceClassification(config_).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with pytest.raises(ConfigError, match="tokenizer differs from the policy's"):
+    with pytest.raises(ConfigError) as caught:
         rlhf.train(config(prompts), policy_dir, other, tmp_path / "out", seed=0)
+    assert str(caught.value).startswith(f"rlhf.rewards[0].source: the tokenizer of {other} differs from the policy's ({policy_dir}); ")
+    with pytest.raises(ConfigError) as caught:  # the folder the user named is what the line names
+        rlhf.train(dataclasses.replace(config(prompts), init_from=str(policy_dir), reward_model=str(other)), policy_dir, other, tmp_path / "out2", seed=0)
+    assert str(caught.value).startswith(f"rlhf.reward_model: the tokenizer of {other} differs from the policy's (rlhf.init_from: {policy_dir}); ")
 
 
 def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, planted_rm, prompts, tmp_path):
