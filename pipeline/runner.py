@@ -264,6 +264,9 @@ class Runner:
             else:
                 found = self.assess(name)
                 done.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": found.stage.headline(found.manifest.get("metrics", {}))})
+            # built or reused (a crash may have come between promoting and publishing)
+            if self.by_name[name].publish and self.is_main:
+                self.by_name[name].publish(ckpt.final_dir(self.run_dir, name))
         if self.is_main:
             self.hashes.save()
         self.log(summary.format_summary(done))

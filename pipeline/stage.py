@@ -39,3 +39,7 @@ class Stage:
     optional: bool = False
     """Part of a run only when its config names its section (or it is run by name); a
     stage that reads it as a parent then reads it, and otherwise does without."""
+    publish: Callable | None = None
+    """publish(folder), whenever a run finds the finished folder in place (built or
+    reused): writes what lives outside it (the eval report's copy at the top of the
+    run), so that never runs ahead of the folder nor stays behind it."""

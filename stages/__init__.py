@@ -20,7 +20,8 @@ STAGES: tuple[Stage, ...] = (
     # Optional: in a run whose config has a dpo section, beside rm + rlhf on the same preference rows.
     Stage("dpo", dpo.DpoConfig, ("sft",), dpo.check, dpo.run, dpo.headline, card=True, optional=True),
     # Not a model: the report comparing every policy of the run on held-out prompts.
-    Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf", "dpo"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True),
+    Stage("eval", evaluation.EvalConfig, ("base", "sft", "rm", "rlhf", "dpo"), evaluation.check, evaluation.run, evaluation.headline, input_settings=(), main_only=True,
+          publish=evaluation.publish),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

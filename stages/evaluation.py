@@ -6,8 +6,8 @@ Per policy: mean reward-model score (normalised as PPO saw it), mean gold score 
 a judge is configured, win rate over SFT by both, the KL from SFT (summed over
 response tokens, from each policy's own samples), response length and the fraction
 ending in EOS. Then a plot of score against KL (one point per policy), the PPO
-curves, and `report.md`, written into this stage's folder and copied to
-`runs/<name>/report.md`.
+curves, and `report.md`, written into this stage's folder and, once that is in place
+(`publish`), copied to `runs/<name>/report.md`.
 
 A judge is any function `judge(prompt: str, response: str) -> float | None`, named
 as `module:function`; None means it cannot rate that prompt. Without a judge the
@@ -169,10 +169,14 @@ def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path, seed: int) -> d
     text = report.render(metrics, examples, stages, plots, cfg)
     ckpt.write_text_atomic(out_dir / "report.md", text)
     ckpt.write_json_atomic(out_dir / "report.json", {"metrics": metrics, "examples": examples})
-    # A copy at the top of the run, where people look first; its plot links point into eval/.
-    ckpt.write_text_atomic(out_dir.parent / "report.md", report.relink(text, "eval"))
     print(report.terminal_summary(metrics))
     return metrics
+
+
+def publish(folder: Path) -> None:
+    """A copy of the promoted report at the top of the run, where people look first; its
+    plot links point into eval/."""
+    ckpt.write_text_atomic(folder.parent / "report.md", report.relink((folder / "report.md").read_text(), folder.name))
 
 
 @dataclasses.dataclass

@@ -130,6 +130,25 @@ def test_eval_is_reused_when_nothing_changed(tiny_run, capsys):
     assert "eval: up to date" in capsys.readouterr().out
 
 
+def test_the_top_level_report_is_written_only_once_the_eval_folder_is_in_place(tiny_run, monkeypatch):
+    path, run = tiny_run
+    (run / "report.md").unlink()
+    promote = ckpt.promote
+
+    def crash_on_eval(run_dir, name):
+        if name == "eval":
+            raise OSError("disk gone")
+        return promote(run_dir, name)
+
+    monkeypatch.setattr(ckpt, "promote", crash_on_eval)
+    with pytest.raises(OSError):
+        cli.main(["run", "eval", "--config", str(path), "--force"])
+    assert not (run / "report.md").exists(), "no copy of a report whose stage did not finish"
+    monkeypatch.setattr(ckpt, "promote", promote)
+    assert cli.main(["run", "eval", "--config", str(path)]) == 0  # resumed from its partial folder
+    assert (run / "report.md").read_text() == evaluation.report.relink((run / "eval" / "report.md").read_text(), "eval")
+
+
 def test_summary_means_and_win_rates_by_hand():
     def row(rm, gold, kl=0.0, length=4, ended=True):
         return {"rm_score": rm, "gold": gold, "kl_from_sft": kl, "length": length, "ended": ended}

@@ -1,0 +1,38 @@
+"""A stage's `publish` (the eval report's copy at the top of the run) runs only once its
+folder is in place, so the copy never shows a report whose stage did not finish."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline import checkpoint as ckpt
+from tests.pipeline.test_optional_stages import runner, stage
+
+
+def published(folder):
+    (folder.parent / "published.txt").write_text((folder / "manifest.json").read_text())
+
+
+PUBLISHING = (stage("a", ()), dataclasses.replace(stage("b", ("a",)), publish=published))
+
+
+def test_publish_runs_after_the_folder_is_promoted(tmp_path):
+    runner(tmp_path, "", stages=PUBLISHING).run("b")
+    run = tmp_path / "runs" / "t"
+    assert (run / "published.txt").read_text() == (run / "b" / "manifest.json").read_text(), "it saw the promoted folder"
+
+
+def test_a_crash_before_promotion_publishes_nothing(tmp_path, monkeypatch):
+    promote = ckpt.promote
+
+    def crash_on_b(run_dir, name):
+        if name == "b":
+            raise OSError("disk gone")
+        return promote(run_dir, name)
+
+    monkeypatch.setattr(ckpt, "promote", crash_on_b)
+    with pytest.raises(OSError):
+        runner(tmp_path, "", stages=PUBLISHING).run("b")
+    assert not (tmp_path / "runs" / "t" / "published.txt").exists()
