@@ -263,7 +263,7 @@ class Runner:
                 done.append(self._run_stage(self.assess(name)))
             else:
                 found = self.assess(name)
-                done.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": found.stage.headline(found.manifest.get("metrics", {}))})
+                done.append({"stage": name, "action": "reused", "folder": str(ckpt.final_dir(self.run_dir, name)), "headline": summary.saved_headline(found.stage, found.manifest)})
             # built or reused (a crash may have come between promoting and publishing)
             if self.by_name[name].publish and self.is_main:
                 self.by_name[name].publish(ckpt.final_dir(self.run_dir, name))

@@ -44,7 +44,7 @@ def status(runner) -> str:
         if stage.name not in runner.enabled and found.manifest is None and found.partial is None:
             continue
         if found.manifest:
-            rows.append(f"  {stage.name:<6} {found.state:<14} {stage.headline(found.manifest.get('metrics', {}))}")
+            rows.append(f"  {stage.name:<6} {found.state:<14} {saved_headline(stage, found.manifest)}")
             rows.append(f"{PAD}folder: {ckpt.final_dir(runner.run_dir, stage.name)}")
         elif found.partial is None:
             rows.append(f"  {stage.name:<6} {'missing':<14} -")
@@ -52,6 +52,16 @@ def status(runner) -> str:
         if found.partial is not None:
             rows.extend(_interrupted(runner, stage.name, found))
     return "\n".join(rows)
+
+
+def saved_headline(stage, manifest: dict) -> str:
+    """The headline of a finished folder's metrics. A folder an older version of the
+    project wrote may lack a metric the headline reads now: say so, not crash."""
+    metrics = manifest.get("metrics") or {}
+    try:
+        return stage.headline(metrics)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"(its manifest's metrics lack what this version shows: {e!r})"
 
 
 def _interrupted(runner, name: str, found) -> list[str]:
