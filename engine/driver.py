@@ -73,45 +73,46 @@ def train(cfg, job: Job) -> dict:
     eval_before = before_training(run.held_out, job.held, job.out_dir)
     estimate, world, k = ESTIMATORS[cfg.advantage].estimate, accelerator.num_processes, objective.group_size
     # A run the guard stopped, killed before its final save, stays stopped when resumed.
-    bar, first_step, stopped = _progress_bar(cfg.steps, progress.step, accelerator.is_main_process), progress.step, guard.verdict(history, cfg.guard)
-    while progress.step < cfg.steps and stopped is None:
-        timer = Timer()
-        # 1. rollout: K answers to each of this process's prompts, sampled as one batch and scored by the reward models
-        chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size // k * world, accelerator.process_index, cfg.batch_size // k, job.seed)
-        chosen = [i for i in chosen for _ in range(k)]
-        queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], job.tokenizer.pad_token_id, "left", accelerator.device)
-        with accelerator.autocast(), whole(accelerator, run.models.trained):  # generation calls the inner model, which prepare() did not wrap
-            batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, run.fallbacks)
-        first_forward = None
-        if not run.sampling.policy_pass:
+    first_step, stopped = progress.step, guard.verdict(history, cfg.guard)
+    # (closed on the way out of an error too, so the error's line starts a line of its own)
+    with _progress_bar(cfg.steps, progress.step, accelerator.is_main_process) as bar:
+        while progress.step < cfg.steps and stopped is None:
+            timer = Timer()
+            # 1. rollout: K answers to each of this process's prompts, sampled as one batch and scored by the reward models
+            chosen = prompt_batch(len(run.encoded), progress.step, cfg.batch_size // k * world, accelerator.process_index, cfg.batch_size // k, job.seed)
+            chosen = [i for i in chosen for _ in range(k)]
+            queries, query_mask = pad_sequences([run.encoded[i] for i in chosen], job.tokenizer.pad_token_id, "left", accelerator.device)
+            with accelerator.autocast(), whole(accelerator, run.models.trained):  # generation calls the inner model, which prepare() did not wrap
+                batch = make_rollout(run.models, queries, query_mask, run.sampling, timer, run.fallbacks)
+            first_forward = None
+            if not run.sampling.policy_pass:
+                with timer("update"):
+                    first_forward = policy_forward(run.learner, batch)
+                    batch.set_old(first_forward[0].detach(), first_forward[1].detach() if first_forward[1] is not None else None)
+            # 2. rewards: every source rated, the train ones standardised and summed; missing-EOS penalty; KL shaped in (or kept for the loss)
+            kl_coef = run.kl_ctl.value
+            with timer("scoring"):
+                rate_rollout(run, job, batch, [job.prompts[i] for i in chosen])
+            scores, rewards, non_score, kl = ppo_rewards(batch, cfg, 0.0 if objective.kl_in_loss else kl_coef)
+            # 3. advantages
+            advantages, returns = estimate(AdvantageInputs(rewards, batch.response_mask, batch.values, scores, batch.rated, k), cfg)
+            # 4. update
             with timer("update"):
-                first_forward = policy_forward(run.learner, batch)
-                batch.set_old(first_forward[0].detach(), first_forward[1].detach() if first_forward[1] is not None else None)
-        # 2. rewards: every source rated, the train ones standardised and summed; missing-EOS penalty; KL shaped in (or kept for the loss)
-        kl_coef = run.kl_ctl.value
-        with timer("scoring"):
-            rate_rollout(run, job, batch, [job.prompts[i] for i in chosen])
-        scores, rewards, non_score, kl = ppo_rewards(batch, cfg, 0.0 if objective.kl_in_loss else kl_coef)
-        # 3. advantages
-        advantages, returns = estimate(AdvantageInputs(rewards, batch.response_mask, batch.values, scores, batch.rated, k), cfg)
-        # 4. update
-        with timer("update"):
-            update_stats = ppo_update(run.learner, batch, advantages, returns, first_forward, kl_coef=kl_coef)
-        run.scheduler.step()
-        # 5. bookkeeping: KL controller, metrics, samples, checkpoint, the guard
-        kl_per_episode = accelerator.reduce(kl.sum(1).mean(), "mean").item()
-        run.kl_ctl.update(kl_per_episode, cfg.batch_size * world)
-        progress.step += 1
-        progress.episodes += cfg.batch_size * world
-        record = StepRecord(progress.step, progress.episodes, batch, scores, non_score, kl_per_episode, kl_coef, update_stats, run.scheduler.get_last_lr()[0], timer)
-        history.append(step_metrics(accelerator, record, job.sources))
-        _log_step(run, job, cfg, history[-1], (batch, scores))
-        bar.update(1)
-        bar.set_postfix(score=f"{history[-1]['objective/scores']:+.3f}", kl=f"{history[-1]['objective/kl']:.3f}")
-        stopped = guard.verdict(history, cfg.guard)
-        if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps or stopped is not None:
-            checkpointing.save_checkpoint(accelerator, job.out_dir, progress.step)
-    bar.close()
+                update_stats = ppo_update(run.learner, batch, advantages, returns, first_forward, kl_coef=kl_coef)
+            run.scheduler.step()
+            # 5. bookkeeping: KL controller, metrics, samples, checkpoint, the guard
+            kl_per_episode = accelerator.reduce(kl.sum(1).mean(), "mean").item()
+            run.kl_ctl.update(kl_per_episode, cfg.batch_size * world)
+            progress.step += 1
+            progress.episodes += cfg.batch_size * world
+            record = StepRecord(progress.step, progress.episodes, batch, scores, non_score, kl_per_episode, kl_coef, update_stats, run.scheduler.get_last_lr()[0], timer)
+            history.append(step_metrics(accelerator, record, job.sources))
+            _log_step(run, job, cfg, history[-1], (batch, scores))
+            bar.update(1)
+            bar.set_postfix(score=f"{history[-1]['objective/scores']:+.3f}", kl=f"{history[-1]['objective/kl']:.3f}")
+            stopped = guard.verdict(history, cfg.guard)
+            if progress.step % cfg.save_steps == 0 or progress.step == cfg.steps or stopped is not None:
+                checkpointing.save_checkpoint(accelerator, job.out_dir, progress.step)
     return finish(run, cfg, job, history, (eval_before, progress.step - first_step, stopped))
 
 
