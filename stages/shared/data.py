@@ -48,7 +48,7 @@ def read_text(path: Path, compressed: bool = False) -> str:
         except (OSError, EOFError) as e:
             raise ConfigError(f"{path}: not a gzip file ({e})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # the BOM some Windows editors write is not part of the first row
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
@@ -182,6 +182,9 @@ def sft_example(where: str, row: dict) -> dict:
     Accepts {"prompt", "response"} (or "completion"), with an optional "system",
     and {"messages": [...]} ending with the assistant turn to learn; other keys are ignored.
     """
+    if "messages" in row and {"prompt", "response", "completion"} & set(row):
+        both = ", ".join(sorted({"prompt", "response", "completion"} & set(row)))
+        raise ConfigError(f"{where}: has both 'messages' and {both}; give one form of the example")
     if "messages" in row:
         messages = messages_field(where, row["messages"], "messages")
         if messages[-1]["role"] != "assistant":
@@ -196,6 +199,8 @@ def sft_example(where: str, row: dict) -> dict:
     prompt = row["prompt"]
     if isinstance(prompt, list):
         prompt = messages_field(where, prompt, "prompt")
+        if prompt[-1]["role"] == "assistant":
+            raise ConfigError(f"{where}: 'prompt' ends with an assistant turn, which the response would follow as a second one; end it with the user's turn")
     else:
         prompt = [{"role": "user", "content": text_field(where, prompt, "prompt")}]
     system = row.get("system")

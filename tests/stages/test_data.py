@@ -76,6 +76,10 @@ def test_json_array_and_parquet(tmp_path):
         (['{"messages": [{"role": "bot", "content": "a"}]}'], ":1: messages[0] has role 'bot' (expected one of system, user, assistant)"),
         (['{"messages": [{"role": "user"}]}'], ":1: messages[0] must be an object with 'role' and 'content'"),
         (['{"messages": []}'], ":1: 'messages' must be a non-empty list of {'role', 'content'} objects"),
+        (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "response": "c"}'],
+         ":1: has both 'messages' and response; give one form of the example"),
+        (['{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "response": "c"}'],
+         ":1: 'prompt' ends with an assistant turn, which the response would follow as a second one; end it with the user's turn"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, lines, expected):
@@ -114,6 +118,12 @@ def test_gzipped_json_lines_read_like_plain_ones(tmp_path):
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(gzip.compress(b'{"prompt": "a", "response": "b"}\n{"prompt": oops}\n'))
     assert error_of(broken).startswith(f"{broken}:2: invalid JSON")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "response": "b"}\n')
+    assert rows_of(path)[0]["completion"][0]["content"] == "b"
 
 
 def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
