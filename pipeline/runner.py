@@ -286,7 +286,8 @@ class Runner:
                 self.log(f"[pipeline] {name}: resuming the interrupted run from step {found.resume_step or 0}{dropped}")
             else:
                 if partial.exists():
-                    self.log(f"[pipeline] {name}: discarding an interrupted run made with another config")
+                    why = "whose manifest cannot be read" if previous is None else "made with another config"
+                    self.log(f"[pipeline] {name}: discarding an interrupted run {why}")
                     ckpt.remove_tree(partial)
                 partial.mkdir(parents=True)
             manifest = self._manifest(found, "running", {}, started, None, attempt)
