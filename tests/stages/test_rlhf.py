@@ -57,7 +57,8 @@ def test_a_non_finite_reward_stops_the_run_with_a_clear_message(policy_dir, plan
 ])
 def test_inconsistent_settings_are_refused_with_their_line(tmp_path, settings, message):
     path = tmp_path / "run.yaml"
-    path.write_text(f"run:\n  name: x\nrlhf:\n  batch_size: 8\n  minibatch_size: 8\n  {settings}\n")
+    minibatch = "" if settings.startswith("minibatch_size") else "  minibatch_size: 8\n"
+    path.write_text(f"run:\n  name: x\nrlhf:\n  batch_size: 8\n{minibatch}  {settings}\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert message in str(error.value) and str(error.value).startswith(f"{path}:")
