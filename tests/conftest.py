@@ -129,6 +129,22 @@ def sft_rows() -> list[dict]:
     return [json.loads(line) for line in DEMO_SFT.read_text().splitlines()]
 
 
+def crash_when_promoting(monkeypatch, stage: str):
+    """Moving `stage`'s finished folder into place fails, as a crash there would; returns
+    the real promote, to put back."""
+    from pipeline import checkpoint as ckpt
+
+    promote = ckpt.promote
+
+    def crash(run_dir, name):
+        if name == stage:
+            raise OSError("disk gone")
+        return promote(run_dir, name)
+
+    monkeypatch.setattr(ckpt, "promote", crash)
+    return promote
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

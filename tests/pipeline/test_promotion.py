@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 
 from pipeline import checkpoint as ckpt
+from tests.conftest import crash_when_promoting
 from tests.pipeline.test_optional_stages import runner, stage
 
 
@@ -27,14 +28,7 @@ def test_publish_runs_after_the_folder_is_promoted(tmp_path):
 
 
 def test_a_crash_before_promotion_publishes_nothing(tmp_path, monkeypatch):
-    promote = ckpt.promote
-
-    def crash_on_b(run_dir, name):
-        if name == "b":
-            raise OSError("disk gone")
-        return promote(run_dir, name)
-
-    monkeypatch.setattr(ckpt, "promote", crash_on_b)
+    crash_when_promoting(monkeypatch, "b")
     with pytest.raises(OSError):
         runner(tmp_path, "", stages=PUBLISHING).run("b")
     assert not (tmp_path / "runs" / "t" / "published.txt").exists()

@@ -18,7 +18,7 @@ from pipeline import cli, generate
 from pipeline.config import ConfigError, SettingError
 from stages import evaluation
 from stages.shared.judge import load_judge, probe_judge
-from tests.conftest import ROOT, TINY_RM, tiny_config, write_jsonl
+from tests.conftest import ROOT, TINY_RM, crash_when_promoting, tiny_config, write_jsonl
 
 JUDGE = "demo.judge:gold_score"
 RM_FILE = ROOT / "configs" / "data" / "demo_rm.jsonl"
@@ -133,14 +133,7 @@ def test_eval_is_reused_when_nothing_changed(tiny_run, capsys):
 def test_the_top_level_report_is_written_only_once_the_eval_folder_is_in_place(tiny_run, monkeypatch):
     path, run = tiny_run
     (run / "report.md").unlink()
-    promote = ckpt.promote
-
-    def crash_on_eval(run_dir, name):
-        if name == "eval":
-            raise OSError("disk gone")
-        return promote(run_dir, name)
-
-    monkeypatch.setattr(ckpt, "promote", crash_on_eval)
+    promote = crash_when_promoting(monkeypatch, "eval")
     with pytest.raises(OSError):
         cli.main(["run", "eval", "--config", str(path), "--force"])
     assert not (run / "report.md").exists(), "no copy of a report whose stage did not finish"
