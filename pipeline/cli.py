@@ -110,5 +110,3 @@ def exit_process(code: int):
 def entry() -> None:
     """The console script and `python -m pipeline`: main(), then exit_process."""
     exit_process(main())
-
-

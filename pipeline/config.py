@@ -393,7 +393,7 @@ def fingerprint_view(cfg: Any, hash_file, prefix: str = "") -> dict:
                 raise ConfigError(f"{key}: no such file or folder: {value} (relative paths are read from the folder you run in, {Path.cwd()})")
             value = hash_file(local) if local is not None else value
         elif isinstance(value, tuple):
-            value = [fingerprint_view(v, hash_file) if dataclasses.is_dataclass(v) else v for v in value]
+            value = [fingerprint_view(v, hash_file, f"{key}[{i}]") if dataclasses.is_dataclass(v) else v for i, v in enumerate(value)]
         view[f.name] = value
     return view
 
