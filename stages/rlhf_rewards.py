@@ -134,6 +134,6 @@ def check_function(source: str, key: str, prompts: list[str]) -> None:
 def rates_one_pair(fn, prompt: str, completion: str) -> bool:
     try:
         out = fn(prompt, completion)
-    except Exception:
+    except (Exception, SystemExit):
         return False
     return out is None or isinstance(out, (int, float))

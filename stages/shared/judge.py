@@ -97,7 +97,7 @@ def load_callable(spec: str, key: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import {module_name!r}: {e}") from None
-    except Exception as e:  # the module's own code failed as it loaded: still one line
+    except (Exception, SystemExit) as e:  # the module's own code failed as it loaded (a sys.exit too): still one line
         raise ConfigError(f"{key}: importing {module_name!r} raised {e!r}") from None
     if not hasattr(module, name):
         raise ConfigError(f"{key}: {module_name!r} has no function {name!r}")

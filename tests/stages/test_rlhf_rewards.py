@@ -64,6 +64,10 @@ def inf(prompts, completions):
     return [math.inf] * len(prompts)
 
 
+def exits(prompts, completions):
+    raise SystemExit(5)
+
+
 def boom(prompts, completions):
     if any("backwards" in p for p in prompts):
         raise ValueError("x")
@@ -100,6 +104,7 @@ def batch_signature(name, args):
     (f"{HERE}:nan_on_answers", f"rlhf.rewards[1]: {HERE}:nan_on_answers returned nan, not a finite number (None says it cannot rate one) on the probe prompt {FIRST!r} (completion 'The answer is 4.')"),
     (f"{HERE}:inf", f"rlhf.rewards[1]: {HERE}:inf returned inf, not a finite number (None says it cannot rate one) on the probe prompt {FIRST!r}"),
     (f"{HERE}:boom", f"rlhf.rewards[1]: {HERE}:boom raised ValueError('x') on the probe prompt {BACKWARDS!r}"),
+    (f"{HERE}:exits", f"rlhf.rewards[1]: {HERE}:exits raised SystemExit(5) on the probe prompt {FIRST!r}"),
 ])
 def test_a_bad_callable_is_refused_with_its_line(value, message):
     assert refused([RewardSpec("rm"), RewardSpec(value)]) == message
@@ -107,8 +112,10 @@ def test_a_bad_callable_is_refused_with_its_line(value, message):
 
 def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "broken_reward_mod.py").write_text("raise RuntimeError('half written')\n")
+    (tmp_path / "exiting_reward_mod.py").write_text("import sys\nsys.exit(3)\n")  # 3 would read as "diverged"
     monkeypatch.syspath_prepend(str(tmp_path))
     assert refused([RewardSpec("rm"), RewardSpec("broken_reward_mod:score")]) == "rlhf.rewards[1].source: importing 'broken_reward_mod' raised RuntimeError('half written')"
+    assert refused([RewardSpec("rm"), RewardSpec("exiting_reward_mod:score")]) == "rlhf.rewards[1].source: importing 'exiting_reward_mod' raised SystemExit(3)"
 
 
 def test_a_set_of_sources_needs_one_to_train_on_and_distinct_names(tmp_path):
