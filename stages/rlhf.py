@@ -179,6 +179,8 @@ class RlhfConfig:
         if self.minibatch_size % self.microbatch_size:
             raise SettingError("microbatch_size", f"must divide minibatch_size ({self.minibatch_size}), got {self.microbatch_size}")
         self._check_coefficients()
+        if not any(spec.role == "train" for spec in self.rewards):  # (check_rewards says it too, for callers without a config file)
+            raise SettingError("rewards", "no source has role train; at least one must make the reward")
         if self.value_model == "reward" and self.method != "lora":
             raise SettingError("value_model", "reward needs method: lora (with full, separate already starts the value as a copy of the reward model)")
         if self.value_layers is not None and self.value_layers < 1:

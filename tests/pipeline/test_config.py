@@ -96,6 +96,7 @@ def test_unknown_section(tmp_path):
         ("rlhf:\n  score_clip: -1\n", ":2: rlhf.score_clip: must be positive (or null for no clipping), got -1.0"),
         ("rlhf:\n  missing_eos_penalty: -1\n", ":2: rlhf.missing_eos_penalty: must be >= 0, got -1.0"),
         ("eval:\n  top_p: 5\n", ":2: eval.top_p: must be in (0, 1], got 5.0"),
+        ("rlhf:\n  rewards: []\n", ":2: rlhf.rewards: no source has role train; at least one must make the reward"),
         # checks inside the config classes
         ("sft:\n  data:\n    eval_fraction: 1.5\n", ":3: sft.data.eval_fraction: must be between 0 and 1, got 1.5"),
         ("sft:\n  batch_size: 0\n", ":2: sft.batch_size: must be at least 1, got 0"),
