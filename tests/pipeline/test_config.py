@@ -268,3 +268,14 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     assert error_of(path) == f"{path}:4: sft.learning_rate: written twice in one mapping (first on line 2)"
     path = write(tmp_path, "sft:\n  max_steps: 3\nsft:\n  max_steps: 4\n")
     assert error_of(path) == f"{path}:3: sft: written twice in one mapping (first on line 1)"
+
+
+def test_a_file_gone_since_the_config_loaded_names_its_key_inside_a_list(tmp_path):
+    from stages.evaluation import EvalConfig, OtherPolicy
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    cfg = EvalConfig(prompts=str(prompts), compare_with=(OtherPolicy("other", str(tmp_path / "gone")),))
+    with pytest.raises(ConfigError) as e:
+        configuration.fingerprint_view(cfg, lambda path: "h", "eval")
+    assert str(e.value).startswith(f"eval.compare_with[0].path: no such file or folder: {tmp_path / 'gone'} ")
