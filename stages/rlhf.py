@@ -321,11 +321,9 @@ def reward_sources(cfg: RlhfConfig, rm_dir: Path, tokenizer, policy: str):
             function = load_callable(spec.source, f"{key}.source")
             sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, function=function, spec=spec.source))
             continue
-        folder = rm_dir if spec.source == RUN_RM else Path(spec.source)
-        check_same_tokenizer(tokenizer, folder, "rlhf.reward_model" if spec.source == RUN_RM and cfg.reward_model else f"{key}.source", policy)
-        stats = reward_stats(folder) if normalize else None
-        if normalize and stats is None:
-            raise ConfigError(f"{key}: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
+        folder, named_by = model_source(cfg, i, rm_dir)
+        check_same_tokenizer(tokenizer, folder, named_by, policy)
+        stats = normalising_stats(folder, i) if normalize else None
         sources.append(Source(spec.metric_name, spec.role, spec.weight, normalize, model_dir=folder, stats=stats))
     return Sources(sources)
 
@@ -349,12 +347,29 @@ def check_reward_folders(cfg: RlhfConfig) -> None:
     for i, spec in enumerate(cfg.rewards):
         if kind(spec) == "function" or (spec.source == RUN_RM and cfg.reward_model is None):
             continue
-        folder, key = (Path(cfg.reward_model), "rlhf.reward_model") if spec.source == RUN_RM else (Path(spec.source), f"rlhf.rewards[{i}].source")
+        folder, key = model_source(cfg, i, None)
         labels = AutoConfig.from_pretrained(folder).num_labels
         if labels != 1:
             raise ConfigError(f"{key}: {folder} is not a one-label reward model (num_labels={labels})")
-        if spec.normalize and cfg.normalize_scores and reward_stats(folder) is None:
-            raise ConfigError(f"rlhf.rewards[{i}]: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
+        if spec.normalize and cfg.normalize_scores:
+            normalising_stats(folder, i)
+
+
+def model_source(cfg: RlhfConfig, i: int, rm_dir: Path | None) -> tuple[Path, str]:
+    """The folder reward source `i` reads (`rm`: rlhf.reward_model, else the run's rm at
+    `rm_dir`) and the key that named it, for errors."""
+    spec = cfg.rewards[i]
+    if spec.source != RUN_RM:
+        return Path(spec.source), f"rlhf.rewards[{i}].source"
+    return (Path(cfg.reward_model), "rlhf.reward_model") if cfg.reward_model else (Path(rm_dir), f"rlhf.rewards[{i}].source")
+
+
+def normalising_stats(folder: Path, i: int) -> tuple[float, float]:
+    """The held-out mean and std the rm stage stored, which standardising source `i` needs."""
+    stats = reward_stats(folder)
+    if stats is None:
+        raise ConfigError(f"rlhf.rewards[{i}]: {folder} has no reward_mean/reward_std in its manifest (not built by the rm stage); set normalize: false on it")
+    return stats
 
 
 def _batch_judge(judge: str) -> str:
