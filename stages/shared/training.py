@@ -88,8 +88,10 @@ class StopOnDivergence(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not (control.should_log or control.should_evaluate or control.should_save or state.global_step >= state.max_steps):
             return control
-        local = [_local_part(p) for p in model.parameters() if p.requires_grad]
-        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in local if t.numel())), device=self.accelerator.device)
+        # one flag per tensor, gathered on the device: a single sync, not one per tensor
+        device = self.accelerator.device
+        flags = [torch.isfinite(t).all().to(device) for p in model.parameters() if p.requires_grad and (t := _local_part(p)).numel()]
+        bad = (~torch.stack(flags).all()).float() if flags else torch.zeros((), device=device)
         if self.accelerator.reduce(bad, "sum").item() > 0:
             raise TrainingDiverged(
                 f"{self.name}: the weights are no longer finite (NaN or inf) at step {state.global_step}; "
